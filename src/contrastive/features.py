@@ -1,0 +1,51 @@
+"""What the training loop hands to a method each step."""
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from . import comm
+
+
+@dataclass
+class Features:
+    """One step's embeddings. Local tensors carry gradient; gathered ones never do.
+
+    `image` and `text` are the encoders' L2-normalised outputs for this rank's samples,
+    `logit_scale` is exp(model.logit_scale) = 1/τ (with gradient when the temperature is learnt),
+    `keys` the samples' integer keys. The gathered views are computed on first use, so a method
+    that does not need them (open_clip's ClipLoss gathers on its own) costs no collective.
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    logit_scale: torch.Tensor
+    keys: torch.Tensor
+    step: int = 0
+    epoch: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @cached_property
+    def all_image(self) -> torch.Tensor:
+        return comm.all_gather_no_grad(fp32(self.image))
+
+    @cached_property
+    def all_text(self) -> torch.Tensor:
+        return comm.all_gather_no_grad(fp32(self.text))
+
+    @cached_property
+    def all_keys(self) -> torch.Tensor:
+        return comm.all_gather_no_grad(self.keys)
+
+    @property
+    def local(self) -> slice:
+        return comm.local_slice(self.all_image.shape[0])
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.image.shape[0] * comm.world_size()
+
+
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """Loss maths runs in fp32 whatever autocast gave the encoders (float64 is kept, for tests)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

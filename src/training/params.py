@@ -1,0 +1,215 @@
+"""Command-line flags: open_clip's training flags plus the FastCLIP / NeuCLIP family's.
+
+Flag spellings follow the two references (open_clip uses dashes, FastCLIP and NeuCLIP underscores);
+each FastCLIP/NeuCLIP flag also accepts the dashed spelling. Everything that does not fit together
+fails here, before any process group or data loader exists.
+"""
+import argparse
+import math
+
+PRECISIONS = ("auto", "fp32", "bf16", "amp", "amp_bf16", "fp16")
+TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable", "individual_constant")
+ESTIMATORS = ("moving_average", "minibatch", "npn", "amorlip")
+
+
+def _both(name: str) -> list[str]:
+    """The reference's underscore spelling first, plus the dashed one."""
+    return [name] if "_" not in name else [name, name.replace("_", "-")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="training.main", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--train-data", default=None,
+                      help="webdataset shards with brace expansion ('a/{000..099}.tar', '::' joins "
+                           "several), or a CSV; omitted: the built-in synthetic shapes data set")
+    data.add_argument("--train-num-samples", type=int, default=None, help="samples per epoch")
+    data.add_argument("--val-data", default=None)
+    data.add_argument("--val-num-samples", type=int, default=None)
+    data.add_argument("--dataset-type", default="auto", choices=["auto", "webdataset", "csv", "synthetic"])
+    data.add_argument("--dataset-resampled", action="store_true", help="sample shards with replacement")
+    data.add_argument("--csv-separator", default="\t")
+    data.add_argument("--csv-img-key", default="filepath")
+    data.add_argument("--csv-caption-key", default="title")
+    data.add_argument("--synthetic-num-samples", type=int, default=20000,
+                      help="size of the built-in synthetic data set (--dataset-type synthetic)")
+    data.add_argument("--synthetic-seed", type=int, default=0)
+    data.add_argument("--imagenet-val", default=None, help="ImageFolder for zero-shot evaluation")
+    data.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=64, help="batch size per rank")
+    opt.add_argument("--epochs", type=int, default=32)
+    opt.add_argument("--lr", type=float, default=5e-4)
+    opt.add_argument("--wd", type=float, default=0.2)
+    opt.add_argument("--beta1", type=float, default=0.9)
+    opt.add_argument("--beta2", type=float, default=0.98)
+    opt.add_argument("--eps", type=float, default=1e-6)
+    opt.add_argument("--warmup", type=int, default=10000, help="warm-up steps")
+    opt.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const", "const-cooldown"])
+    opt.add_argument("--epochs-cooldown", type=int, default=None)
+    opt.add_argument("--lr-cooldown-end", type=float, default=0.0)
+    opt.add_argument(*_both("lr_min"), dest="lr_min", type=float, default=0.0,
+                     help="floor of the cosine schedules")
+    opt.add_argument("--grad-clip-norm", type=float, default=None)
+    opt.add_argument("--accum-freq", type=int, default=1)
+    opt.add_argument(*_both("optimizer"), dest="optimizer", default="adamw", choices=["adamw", "lamb"])
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="neuclip-tiny", help="open_clip architecture name")
+    model.add_argument("--pretrained", default="", help="open_clip pretrained tag or checkpoint path")
+    model.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="auto: amp on CUDA, fp32 on CPU (fp16 autocast is ~40x slower on CPU)")
+    model.add_argument("--grad-checkpointing", action="store_true")
+    model.add_argument("--torchcompile", action="store_true")
+    model.add_argument("--local-loss", action="store_true")
+    model.add_argument("--gather-with-grad", action="store_true")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--name", default=None, help="run folder name (default: built from the flags)")
+    run.add_argument("--logs", default="./logs", help="where run folders go")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--save-frequency", type=int, default=1, help="epochs between epoch_N.pt")
+    run.add_argument("--save-most-recent", action="store_true", help="also keep epoch_latest.pt")
+    run.add_argument("--delete-previous-checkpoint", action="store_true")
+    run.add_argument("--resume", default=None, help="checkpoint path, or 'latest'")
+    run.add_argument("--report-to", default="tensorboard", help="'tensorboard', or '' for none")
+    run.add_argument("--log-every-n-steps", type=int, default=100)
+    run.add_argument("--zeroshot-frequency", type=int, default=1)
+    run.add_argument("--val-frequency", type=int, default=1)
+    run.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
+    run.add_argument("--dist-url", default="env://")
+    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    run.add_argument(*_both("stop_epochs"), dest="stop_epochs", type=int, default=-1,
+                     help="stop after this epoch (chained jobs)")
+
+    loss = p.add_argument_group("loss family")
+    loss.add_argument("--siglip", action="store_true", help="SigLIP's sigmoid loss")
+    loss.add_argument("--fastclip", action="store_true",
+                      help="the global contrastive loss family (FastCLIP; with --npn: NeuCLIP)")
+    loss.add_argument(*_both("temperature_scheme"), dest="temperature_scheme",
+                      default="global_learnable", choices=TEMPERATURE_SCHEMES)
+    loss.add_argument("--temperature", type=float, default=0.07, help="initial τ")
+    loss.add_argument(*_both("multiply_tau"), dest="multiply_tau", action="store_true",
+                      help="robust loss: τ·loss + ρτ (RGCL-g with global_learnable = FastCLIP-v3)")
+    loss.add_argument("--rho", type=float, default=8.0)
+    loss.add_argument(*_both("fastclip_eps"), dest="fastclip_eps", type=float, default=1e-14,
+                      help="ε added to every normalizer")
+    loss.add_argument("--gamma", type=float, default=0.8, help="final γ of u ← (1−γ)u + γ·g")
+    loss.add_argument(*_both("gamma_schedule"), dest="gamma_schedule", default="cosine",
+                      choices=["cosine", "constant"])
+    loss.add_argument(*_both("gamma_decay_epochs"), dest="gamma_decay_epochs", type=int, default=10)
+    loss.add_argument(*_both("lr_tau"), dest="lr_tau", type=float, default=-1.0,
+                      help="temperature learning rate (−1: --lr)")
+    loss.add_argument(*_both("lr_tau_scheduler"), dest="lr_tau_scheduler", default="cosine",
+                      choices=["cosine", "const", "const-cooldown", "step_thresh"])
+    loss.add_argument(*_both("data_size"), dest="data_size", type=int, default=-1,
+                      help="size of the sample-key space (max key + 1); sizes per-sample state")
+    loss.add_argument(*_both("tau_grad"), dest="tau_grad", default="exact", choices=["exact", "reference"],
+                      help="exact: the objective's temperature gradient; reference: FastCLIP's code, "
+                           "which differentiates the data term twice (its published ρ are tuned to it)")
+    loss.add_argument("--estimator", default=None, choices=ESTIMATORS,
+                      help="normalizer estimator of the --fastclip family (default moving_average)")
+
+    npn = p.add_argument_group("NeuCLIP normalizer-prediction network")
+    npn.add_argument("--npn", action="store_true", help="NeuCLIP: --estimator npn")
+    npn.add_argument("--amorlip", action="store_true", help="AmorLIP baseline: --estimator amorlip")
+    npn.add_argument(*_both("npn_lr"), dest="npn_lr", type=float, default=1.0)
+    npn.add_argument(*_both("npn_num_protos"), dest="npn_num_protos", type=int, default=4096)
+    npn.add_argument(*_both("npn_repetition"), dest="npn_repetition", type=int, default=10)
+    npn.add_argument(*_both("npn_restart_iter"), dest="npn_restart_iter", type=int, default=500,
+                     help="T_r; 0 or negative: never restart")
+    npn.add_argument(*_both("npn_arch"), dest="npn_arch", default="prototype", choices=["prototype", "mlp"])
+    npn.add_argument(*_both("npn_objective"), dest="npn_objective", default="unified",
+                     choices=["unified", "regression"])
+    npn.add_argument(*_both("npn_update"), dest="npn_update", default="alternating",
+                     choices=["alternating", "simultaneous"])
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def method_name(args) -> str:
+    """The registry name of the training method the flags ask for."""
+    if args.siglip:
+        return "siglip"
+    return "gcl" if args.fastclip else "openclip"
+
+
+def validate(args) -> None:
+    """Reject flags that do not fit together, naming them; fill derived defaults."""
+    family_only = {"--npn": args.npn, "--amorlip": args.amorlip, "--multiply_tau": args.multiply_tau,
+                   "--estimator": args.estimator is not None}
+    if not args.fastclip:
+        bad = [flag for flag, on in family_only.items() if on]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} only applies to the global contrastive loss family: "
+                             "add --fastclip")
+    if args.siglip and args.fastclip:
+        raise ValueError("--siglip and --fastclip are different losses: choose one")
+    if args.npn and args.amorlip:
+        raise ValueError("--npn and --amorlip are different estimators: choose one")
+    implied = "npn" if args.npn else "amorlip" if args.amorlip else None
+    if implied and args.estimator not in (None, implied):
+        raise ValueError(f"--{implied} conflicts with --estimator {args.estimator}")
+    args.estimator = implied or args.estimator or "moving_average"
+    if args.fastclip and args.estimator == "moving_average" and args.temperature_scheme.startswith("individual") \
+            and args.multiply_tau:
+        raise ValueError("--multiply_tau is for global temperatures; individual temperatures (FastCLIP-v2) "
+                         "already use the robust loss")
+    if not 0 < args.temperature <= 1:
+        raise ValueError(f"--temperature {args.temperature} must be in (0, 1]")
+    if args.lr_tau < 0:
+        args.lr_tau = args.lr
+    for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs),
+                        ("--accum-freq", args.accum_freq), ("--npn_repetition", args.npn_repetition),
+                        ("--npn_num_protos", args.npn_num_protos)):
+        if value < 1:
+            raise ValueError(f"{flag} must be ≥ 1, got {value}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be ≥ 0, got {args.workers}")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma {args.gamma} must be in (0, 1]")
+    if args.train_num_samples is not None and args.train_num_samples < 1:
+        raise ValueError("--train-num-samples must be positive")
+    if args.gather_with_grad and not args.local_loss and args.fastclip:
+        pass  # the family never gathers with gradient; accepted for command-line compatibility
+    if args.precision == "fp16":
+        args.precision = "amp"  # open_clip's name for fp16 autocast
+    args.method = method_name(args)
+    args.uses_per_sample_state = args.fastclip and (
+        args.estimator == "moving_average" or args.temperature_scheme.startswith("individual"))
+
+
+def resolve_precision(args, device_type: str) -> str:
+    if args.precision != "auto":
+        if args.precision == "amp" and device_type == "cpu":
+            raise ValueError("--precision amp (fp16 autocast) is about 40x slower than fp32 on CPU; "
+                             "use fp32 or amp_bf16")
+        return args.precision
+    return "amp" if device_type == "cuda" else "fp32"
+
+
+def default_run_name(args) -> str:
+    method = args.method if args.method != "gcl" else args.estimator
+    return f"{method}-{args.model}-b{args.batch_size}-lr{args.lr}-s{args.seed}".replace("/", "-")
+
+
+def schedule_numbers(args, steps_per_epoch: int) -> dict:
+    """The derived numbers printed at start."""
+    total = steps_per_epoch * args.epochs
+    return {"world_size": args.world_size, "local_batch": args.batch_size,
+            "global_batch": args.batch_size * args.world_size * args.accum_freq,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "warmup_steps": min(args.warmup, total), "epochs": args.epochs,
+            "samples_seen": total * args.batch_size * args.world_size * args.accum_freq,
+            "warmup_epochs": round(args.warmup / max(steps_per_epoch, 1), 2) if steps_per_epoch else math.nan}
