@@ -93,11 +93,12 @@ def check_enough_shards(num_shards: int, workers: int, world_size: int) -> None:
     its rank takes fewer steps than the others and DDP waits for it forever."""
     readers = max(1, workers) * world_size
     if num_shards < readers:
+        most_workers = num_shards // world_size
+        fewer_workers = f"reduce --workers to {most_workers}, " if most_workers >= 1 else ""
         raise DataConfigError(
             f"--train-data has {num_shards} shards but --workers {workers} x world size {world_size} "
             f"= {readers} readers each need at least one, which would hang distributed training; "
-            f"reduce --workers to {max(1, num_shards // world_size) if num_shards >= world_size else 0} "
-            "or fewer, split the data into more shards, or use --dataset-resampled")
+            f"{fewer_workers}split the data into more shards, or use --dataset-resampled")
 
 
 def require_train_num_samples(num_samples: int | None) -> int:

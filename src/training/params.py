@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(*_both("lr_min"), dest="lr_min", type=float, default=0.0,
                      help="floor of the cosine schedules")
     opt.add_argument("--grad-clip-norm", type=float, default=None)
-    opt.add_argument("--accum-freq", type=int, default=1)
+    opt.add_argument("--accum-freq", type=int, default=1,
+                     help="gradient accumulation (not implemented yet: only 1 is accepted)")
+    opt.add_argument("--max-nonfinite-steps", type=int, default=20,
+                     help="stop after this many consecutive steps with a non-finite gradient")
     opt.add_argument(*_both("optimizer"), dest="optimizer", default="adamw", choices=["adamw", "lamb"])
 
     model = p.add_argument_group("model")
@@ -175,6 +178,9 @@ def validate(args) -> None:
                         ("--npn_num_protos", args.npn_num_protos)):
         if value < 1:
             raise ValueError(f"{flag} must be ≥ 1, got {value}")
+    if args.accum_freq != 1:
+        raise ValueError(f"--accum-freq {args.accum_freq}: gradient accumulation is not implemented yet; "
+                         "use --accum-freq 1 with a smaller --batch-size per rank or more ranks")
     if args.workers < 0:
         raise ValueError(f"--workers must be ≥ 0, got {args.workers}")
     if not 0 < args.gamma <= 1:

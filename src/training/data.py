@@ -1,0 +1,464 @@
+"""Data pipelines for CLIP training: webdataset shards, CSV files and the synthetic shapes data set.
+
+    data = get_data(args, preprocess_train, preprocess_val, tokenizer, epoch=0)
+    info = data["train"]
+    info.set_epoch(epoch)
+    for images, texts, keys in info.dataloader: ...
+
+images float [b, 3, H, W] (preprocess output), texts long [b, ctx] (tokenizer output), keys int64 [b]:
+a stable id per sample (the .json "key" or numeric __key__ in shards, the 0-based row in a CSV), which
+is what per-sample loss state is indexed by. Training batches always hold exactly --batch-size samples.
+
+Damaged samples are skipped, logged and counted inside the DataLoader workers. The counts travel as a
+4th batch element (samples skipped since that worker's previous batch), which `DataInfo.dataloader`
+strips off and adds up into `DataInfo.skipped()`: no shared memory, and it works with --workers 0.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import multiprocessing
+import random
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+
+from training.data_checks import (DataConfigError, KeyRangeCheck, SkipLog, UnusableSample, check_enough_shards,
+                                  check_images_reachable, check_shards_exist, column_indices, expand_shard_urls,
+                                  per_sample_state_size, require_train_num_samples)
+
+logger = logging.getLogger("training.data")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SAMPLE_MEMBERS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))  # tar members worth keeping in memory
+SHUFFLE_BUFFER = 5000  # samples; raw bytes, as the shuffle runs before decoding
+SHUFFLE_INITIAL = 1000
+
+
+# ------------------------------------------------------------------------------------ loop-facing API
+
+class SharedEpoch:
+    """The epoch number, readable by DataLoader workers (a shared int: reaches persistent workers too)."""
+
+    def __init__(self, epoch: int = 0):
+        self._value = multiprocessing.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return self._value.value
+
+
+class SkipCountingLoader:
+    """Iterates a DataLoader of (images, texts, keys, newly_skipped) as (images, texts, keys),
+    adding up the skip counts."""
+
+    def __init__(self, loader: DataLoader, num_batches: int | None, num_samples: int | None):
+        self.loader, self.num_batches, self.num_samples = loader, num_batches, num_samples
+        self.skipped = 0
+
+    def __iter__(self):
+        for images, texts, keys, newly_skipped in self.loader:
+            self.skipped += int(newly_skipped)
+            yield images, texts, keys
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("the number of batches is unknown: set --val-num-samples")
+        return self.num_batches
+
+
+@dataclass
+class DataInfo:
+    dataloader: SkipCountingLoader
+    shared_epoch: SharedEpoch
+    sampler: DistributedSampler | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples per epoch over all ranks (None: a validation set of unknown size)."""
+        return self.dataloader.num_samples
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch on this rank."""
+        return self.dataloader.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed shard order, shuffle buffers, resampling and samplers: seed = args.seed + epoch."""
+        self.shared_epoch.set(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def skipped(self) -> int:
+        """Damaged samples skipped so far by all workers of this rank (counted as batches arrive)."""
+        return self.dataloader.skipped
+
+
+# ------------------------------------------------------------------------------------- samples
+
+def worker_id_and_count() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def stream_seed(*parts) -> str:
+    # random.Random hashes str seeds with SHA-512: streams for neighbouring (epoch, rank, worker)
+    # tuples are unrelated, and the same tuple gives the same stream in any process.
+    return "/".join(map(str, parts))
+
+
+def tokenize_one(tokenizer, caption: str) -> torch.Tensor:
+    return tokenizer([caption])[0]
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")  # forces the full decode, so truncated files fail here
+
+
+def as_key(value, where: str) -> int:
+    # img2dataset writes keys as zero-padded digit strings ("000012345")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise DataConfigError(f"{where}: sample key {value!r} is not an integer; add a .json with an integer "
+                          "'key' field to every sample (img2dataset writes one), or name samples by number")
+
+
+def shard_sample_key(sample: dict, where: str) -> int:
+    """The .json member's "key" (img2dataset layout), else the sample's numeric name in the tar."""
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as exn:
+            raise UnusableSample(f"{where}: unreadable .json: {exn}") from exn
+        if isinstance(meta, dict) and "key" in meta:
+            return as_key(meta["key"], where)
+    return as_key(sample["__key__"], where)
+
+
+class ShardSampleDecoder:
+    """Raw tar sample (bytes per extension) -> (image, tokens, key); raises UnusableSample to skip."""
+
+    def __init__(self, transform, tokenizer, check_key: KeyRangeCheck):
+        self.transform, self.tokenizer, self.check_key = transform, tokenizer, check_key
+
+    def __call__(self, sample: dict):
+        where = f"sample {sample['__key__']!r} of shard {sample['__url__']}"
+        key = shard_sample_key(sample, where)
+        self.check_key(key, where)
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if image_ext is None:
+            raise UnusableSample(f"{where}: no image (.{', .'.join(IMAGE_EXTENSIONS)})")
+        if "txt" not in sample:
+            raise UnusableSample(f"{where}: no caption (.txt)")
+        try:
+            image = decode_image(sample[image_ext])
+            caption = sample["txt"].decode("utf-8")
+        except Exception as exn:
+            raise UnusableSample(f"{where}: cannot decode: {exn}") from exn
+        return self.transform(image), tokenize_one(self.tokenizer, caption), key
+
+
+def stack_batch(images, texts, keys, newly_skipped: int):
+    return (torch.stack(images), torch.stack(texts), torch.tensor(keys, dtype=torch.int64),
+            torch.tensor(newly_skipped, dtype=torch.int64))
+
+
+class CollateWithSkipCount:
+    """Batches (image, tokens, key) samples and attaches the skips since this worker's previous batch."""
+
+    def __init__(self, skip_log: SkipLog):
+        self.skip_log = skip_log
+
+    def __call__(self, samples):
+        images, texts, keys = zip(*samples)
+        return stack_batch(images, texts, keys, self.skip_log.take_pending())
+
+
+def collate_counted_samples(samples):
+    """Batches the (image, tokens, key, skipped_before_it) items of SkipUnreadable."""
+    images, texts, keys, skipped = zip(*samples)
+    return stack_batch(images, texts, keys, sum(skipped))
+
+
+# ---------------------------------------------------------------------------------- webdataset
+
+def group_by_keys(files, handler, keep=SAMPLE_MEMBERS):
+    """Groups a shard's members into samples by file-name prefix.
+
+    Tolerates webdataset's end-of-shard marker (an empty dict, which some versions of this function
+    choke on with KeyError: 'fname'), and starts a new sample when the shard changes, so the tail of a
+    truncated shard is never merged into the next shard's first sample.
+    """
+    current = None
+    for member in files:
+        if "fname" not in member:
+            if current is not None:
+                yield current
+            current = None
+            continue
+        prefix, suffix = base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"] or member["__url__"] != current["__url__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": member["__url__"]}
+        if suffix in current:
+            if handler(UnusableSample(f"{member['__url__']}: duplicate member {member['fname']}")):
+                continue
+            return
+        if suffix in keep:
+            current[suffix] = member["data"]
+    if current is not None:
+        yield current
+
+
+def tarfile_to_samples(shards, handler):
+    """{"url": ...} dicts -> samples, with every read error passed to `handler`."""
+    streams = url_opener(shards, handler=handler)
+    return group_by_keys(tar_file_expander(streams, handler=handler), handler)
+
+
+def split_by_rank(shards, rank: int, world_size: int):
+    # Instead of wds.split_by_node, which asks torch.distributed: this follows args.rank/world_size,
+    # so it works before the process group exists and in single-process tests of multi-rank setups.
+    return islice(shards, rank, None, world_size)
+
+
+class EpochShuffledShards(wds.SimpleShardList):
+    """The shard list, shuffled with seed + epoch. Identical on every rank and worker, so splitting it
+    by rank and then by worker partitions it."""
+
+    def __init__(self, urls: list[str], seed: int, shared_epoch: SharedEpoch, shuffle: bool):
+        super().__init__(urls)
+        self.base_seed, self.shared_epoch, self.shuffle = seed, shared_epoch, shuffle
+
+    def __iter__(self):
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(self.base_seed + self.shared_epoch.get()).shuffle(urls)
+        return iter([{"url": url} for url in urls])
+
+
+class EpochResampledShards(IterableDataset):
+    """Shards drawn with replacement, endlessly, from a stream seeded per (epoch, rank, worker).
+    (wds.ResampledShards seeds from a per-object counter, which does not reproduce a given epoch.)"""
+
+    def __init__(self, urls: list[str], seed: int, shared_epoch: SharedEpoch, rank: int):
+        self.urls, self.seed, self.shared_epoch, self.rank = urls, seed, shared_epoch, rank
+
+    def __iter__(self):
+        rng = random.Random(stream_seed("shards", self.seed, self.shared_epoch.get(), self.rank,
+                                        worker_id_and_count()[0]))
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+class EpochSeededShuffle(wds.PipelineStage):
+    """wds.shuffle with a buffer seeded per (epoch, rank, worker), so an epoch's order is reproducible."""
+
+    def __init__(self, seed: int, shared_epoch: SharedEpoch, rank: int):
+        self.seed, self.shared_epoch, self.rank = seed, shared_epoch, rank
+
+    def run(self, samples):
+        rng = random.Random(stream_seed("samples", self.seed, self.shared_epoch.get(), self.rank,
+                                        worker_id_and_count()[0]))
+        return wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=rng)(samples)
+
+
+def epoch_length(num_samples: int, batch_size: int, world_size: int, workers: int) -> tuple[int, int]:
+    """(batches per rank, samples over all ranks) per epoch, the batch count rounded up to a multiple of
+    the workers: with_epoch counts per worker, and every worker must yield the same number."""
+    readers = max(1, workers)
+    batches_per_worker = math.ceil(math.ceil(num_samples / (batch_size * world_size)) / readers)
+    num_batches = batches_per_worker * readers
+    return num_batches, num_batches * batch_size * world_size
+
+
+def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key) -> wds.DataPipeline:
+    skip_log = SkipLog("train" if is_train else "val")
+    if is_train and args.dataset_resampled:
+        stages = [EpochResampledShards(urls, args.seed, shared_epoch, args.rank)]
+    else:
+        stages = [EpochShuffledShards(urls, args.seed, shared_epoch, shuffle=is_train),
+                  wds.pipelinefilter(split_by_rank)(rank=args.rank, world_size=args.world_size),
+                  wds.split_by_worker]
+    stages.append(wds.pipelinefilter(tarfile_to_samples)(handler=skip_log.handle))
+    if is_train:
+        stages.append(EpochSeededShuffle(args.seed, shared_epoch, args.rank))
+    stages += [
+        wds.map(ShardSampleDecoder(transform, tokenizer, check_key), handler=skip_log.handle),
+        # training drops the partial last batch of each worker: constant batch shapes for all-gathers
+        wds.batched(args.batch_size, collation_fn=CollateWithSkipCount(skip_log), partial=not is_train),
+    ]
+    return wds.DataPipeline(*stages)
+
+
+def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+    flag = "--train-data" if is_train else "--val-data"
+    urls = expand_shard_urls(args.train_data if is_train else args.val_data, flag)
+    check_shards_exist(urls, flag)
+    pipeline = shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key)
+    if is_train:
+        num_samples = require_train_num_samples(args.train_num_samples)
+        if not args.dataset_resampled:
+            check_enough_shards(len(urls), args.workers, args.world_size)
+        num_batches, num_samples = epoch_length(num_samples, args.batch_size, args.world_size, args.workers)
+        # Repeats (or cuts) each worker's stream to exactly its share, so all ranks take the same steps.
+        pipeline = pipeline.with_epoch(num_batches // max(1, args.workers))
+    else:
+        num_samples = args.val_num_samples or None
+        num_batches = math.ceil(num_samples / (args.batch_size * args.world_size)) if num_samples else None
+    loader = DataLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.workers,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return DataInfo(SkipCountingLoader(loader, num_batches, num_samples), shared_epoch)
+
+
+# ------------------------------------------------------------------------- map-style: CSV, synthetic
+
+class CsvCaptions(Dataset):
+    """Rows of a CSV/TSV file (image path + caption column); a row's key is its 0-based row number."""
+
+    def __init__(self, path: str, img_key: str, caption_key: str, separator: str, transform, tokenizer):
+        self.path, self.transform, self.tokenizer = path, transform, tokenizer
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f, delimiter=separator)
+            header = next(rows, [])
+            columns = column_indices(header, {"--csv-img-key": img_key, "--csv-caption-key": caption_key}, path)
+            image_col, caption_col = columns["--csv-img-key"], columns["--csv-caption-key"]
+            # short (malformed) rows are kept as empty fields: they are skipped, and counted, when loaded
+            self.rows = [(field(row, image_col), field(row, caption_col)) for row in rows]
+        check_images_reachable([image for image, _ in self.rows], path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: int):
+        image_path, caption = self.rows[idx]
+        where = f"{self.path} row {idx} ({image_path!r})"
+        if not image_path or not caption:
+            raise UnusableSample(f"{where}: empty image path or caption")
+        try:
+            with Image.open(image_path) as image:
+                image = image.convert("RGB")
+        except Exception as exn:
+            raise UnusableSample(f"{where}: cannot read image: {exn}") from exn
+        return self.transform(image), tokenize_one(self.tokenizer, caption), idx
+
+
+def field(row: list[str], column: int) -> str:
+    return row[column] if column < len(row) else ""
+
+
+class SkipUnreadable(Dataset):
+    """Wraps a map-style dataset of (image, tokens, key) items. An item that fails to load is logged,
+    counted and replaced by another, pseudo-randomly chosen item, so batches stay full (constant shapes
+    matter for DDP all-gathers); that replacement is seen twice in the epoch. Yields
+    (image, tokens, key, items_skipped_before_it)."""
+
+    MAX_ATTEMPTS = 16
+
+    def __init__(self, dataset: Dataset, check_key: KeyRangeCheck, split: str):
+        self.dataset, self.check_key, self.skip_log = dataset, check_key, SkipLog(split)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        for attempt in range(self.MAX_ATTEMPTS):
+            try:
+                image, tokens, key = self.dataset[idx]
+            except DataConfigError:
+                raise
+            except Exception as exn:
+                self.skip_log.handle(exn)
+                idx = random.Random(stream_seed("replacement", idx, attempt)).randrange(len(self.dataset))
+                continue
+            self.check_key(key, f"item {idx}")
+            return image, tokens, key, attempt
+        raise DataConfigError(f"{self.MAX_ATTEMPTS} items in a row could not be loaded (see the warnings "
+                              "above); the data set looks broken rather than damaged: check its paths")
+
+
+def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedEpoch) -> DataInfo:
+    sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=is_train,
+                                 seed=args.seed, drop_last=is_train)
+    sampler.set_epoch(shared_epoch.get())
+    # Training drops the partial last batch; validation keeps it (and the sampler pads ranks to equal
+    # length by repeating items when the set does not divide evenly).
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate_counted_samples, drop_last=is_train, persistent_workers=False,
+                        pin_memory=torch.cuda.is_available())
+    num_samples = len(loader) * args.batch_size * args.world_size if is_train else len(dataset)
+    return DataInfo(SkipCountingLoader(loader, len(loader), num_samples), shared_epoch, sampler)
+
+
+def get_csv_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+    path = args.train_data if is_train else args.val_data
+    rows = CsvCaptions(path, args.csv_img_key, args.csv_caption_key, args.csv_separator, transform, tokenizer)
+    if len(rows):
+        check_key(len(rows) - 1, f"the last row of {path}")  # before any worker starts
+    return map_style_data(SkipUnreadable(rows, check_key, "train" if is_train else "val"), args, is_train,
+                          shared_epoch)
+
+
+def get_synthetic_data(args, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+    from training.synthetic import SyntheticCaptions  # only this dataset type needs it
+
+    dataset = SyntheticCaptions(args.synthetic_num_samples, seed=args.synthetic_seed, transform=transform,
+                                tokenizer=tokenizer)
+    if len(dataset):
+        check_key(len(dataset) - 1, "the last synthetic sample")
+    return map_style_data(SkipUnreadable(dataset, check_key, "train"), args, True, shared_epoch)
+
+
+# --------------------------------------------------------------------------------------- entry
+
+def resolve_dataset_type(path: str, requested: str, flag: str) -> str:
+    if requested not in ("auto", "synthetic"):
+        return requested
+    extension = path.split("::")[0].rsplit(".", 1)[-1].lower()
+    if extension == "tar":
+        return "webdataset"
+    if extension in ("csv", "tsv"):
+        return "csv"
+    raise DataConfigError(f"cannot tell the dataset type of {flag} {path!r} from its extension "
+                          "(.tar: webdataset, .csv/.tsv: csv); pass --dataset-type")
+
+
+def get_data(args, preprocess_train, preprocess_val, tokenizer, epoch: int = 0) -> dict[str, DataInfo]:
+    """{"train": DataInfo, "val": DataInfo}, each present when configured. With no --train-data,
+    --dataset-type auto or synthetic trains on the built-in synthetic shapes data set."""
+    check_key = KeyRangeCheck(per_sample_state_size(args.uses_per_sample_state, args.data_size))
+    data = {}
+    if args.dataset_type == "synthetic" or (args.train_data is None and args.dataset_type == "auto"):
+        data["train"] = get_synthetic_data(args, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
+    elif args.train_data is not None:
+        data["train"] = get_split(args, True, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
+    if args.val_data:
+        # keys of a validation set index no training state: no range check
+        data["val"] = get_split(args, False, preprocess_val, tokenizer, SharedEpoch(epoch), KeyRangeCheck(None))
+    return data
+
+
+def get_split(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+    flag = "--train-data" if is_train else "--val-data"
+    dataset_type = resolve_dataset_type(args.train_data if is_train else args.val_data, args.dataset_type, flag)
+    build = {"webdataset": get_wds_data, "csv": get_csv_data}.get(dataset_type)
+    if build is None:
+        raise DataConfigError(f"unknown --dataset-type {dataset_type!r}; use webdataset, csv, synthetic or auto")
+    return build(args, is_train, transform, tokenizer, shared_epoch, check_key)

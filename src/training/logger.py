@@ -1,0 +1,43 @@
+"""out.log, console and TensorBoard, as open_clip lays them out."""
+import logging
+import sys
+
+_HANDLER_TAG = "_neuclip_handler"
+
+
+def setup_logging(log_file: str | None, is_master: bool, level=logging.INFO) -> None:
+    """Idempotent: calling main() twice in one process (tests) does not duplicate lines."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_TAG, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", datefmt="%Y-%m-%d,%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if log_file and is_master:
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        setattr(handler, _HANDLER_TAG, True)
+        handler.setFormatter(fmt)
+        handler.setLevel(level if is_master else logging.WARNING)
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+class TensorBoard:
+    """A SummaryWriter on rank 0, nothing elsewhere (or when --report-to does not ask for it)."""
+
+    def __init__(self, log_dir: str | None):
+        self.writer = None
+        if log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir)
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,161 @@
+"""One epoch of training. Method-agnostic: the loop never asks which method it runs."""
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from contrastive import Features, comm
+
+from .distributed import unwrap
+
+log = logging.getLogger(__name__)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def autocast(precision: str, device: torch.device):
+    dtype = {"amp": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class TrainState:
+    """What the loop advances: the global step and counters the log reports."""
+    step: int = 0
+    skipped_nonfinite: int = 0
+    consecutive_nonfinite: int = 0
+    last_terms: dict = field(default_factory=dict)
+
+
+class Meter:
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float, n: int = 1) -> None:
+        self.total += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state: TrainState, epoch: int,
+                    args, device, tb, max_nonfinite: int = 20) -> None:
+    model.train()
+    method.train()
+    batches = data.dataloader
+    steps_this_epoch = data.num_batches
+    batch_time, data_time = Meter(), Meter()
+    global_batch = args.batch_size * args.world_size
+    raw_model = unwrap(model)
+    end = time.perf_counter()
+    for i, (images, texts, keys) in enumerate(batches):
+        if i >= steps_this_epoch:
+            break
+        tau = 1.0 / raw_model.logit_scale.detach().exp().item() if scheduler.needs_tau else None
+        lrs = scheduler.step(state.step, tau)
+        images = images.to(device, non_blocking=True)
+        texts = texts.to(device, non_blocking=True)
+        keys = keys.to(device, non_blocking=True)
+        data_time.add(time.perf_counter() - end)
+
+        with autocast(args.precision, device):
+            image_features, text_features, logit_scale = model(images, texts)
+        feats = Features(image=image_features, text=text_features, logit_scale=logit_scale,
+                         keys=keys, step=state.step, epoch=epoch)
+        method.before_encoder_step(feats)
+        out = method(feats)
+        optimizer.zero_grad(set_to_none=True)
+        _backward(out.loss, scaler)
+        if _step_optimizer(model, method, optimizer, scaler, args, state):
+            method.after_encoder_step(feats)
+        with torch.no_grad():
+            raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+        batch_time.add(time.perf_counter() - end)
+        end = time.perf_counter()
+        state.step += 1
+        last = i + 1 == steps_this_epoch
+        if args.is_master and (state.step % args.log_every_n_steps == 0 or last):
+            _log_step(state, epoch, i + 1, steps_this_epoch, out.terms, lrs, raw_model, method, data,
+                      batch_time, data_time, global_batch, tb)
+            batch_time, data_time = Meter(), Meter()
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def _step_optimizer(model, method, optimizer, scaler, args, state: TrainState) -> bool:
+    """Clip, and step unless the gradient is non-finite (skipped and counted). Returns whether it stepped."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    _average_method_grads(method)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    max_norm = args.grad_clip_norm if args.grad_clip_norm else float("inf")
+    # DDP has already averaged gradients, so every rank sees the same norm and takes the same branch.
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not torch.isfinite(norm):
+        state.skipped_nonfinite += 1
+        state.consecutive_nonfinite += 1
+        log.warning("non-finite gradient at step %d: step skipped (%d so far)", state.step,
+                    state.skipped_nonfinite)
+        if state.consecutive_nonfinite >= args.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{state.consecutive_nonfinite} consecutive non-finite steps: lower --lr or --lr_tau, "
+                "set --grad-clip-norm, raise --fastclip_eps, or use --precision fp32/amp_bf16")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return False
+    state.consecutive_nonfinite = 0
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return True
+
+
+def _average_method_grads(method) -> None:
+    """DDP averages the model's gradients; the method's own trainable parameters (SigLIP's bias, an
+    NPN trained with the encoders) are outside DDP, so average theirs here in one collective."""
+    grads = [p.grad for g in method.trainable_parameter_groups() for p in g["params"] if p.grad is not None]
+    if not grads or comm.world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce_mean_(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _log_step(state, epoch, batch_in_epoch, steps_this_epoch, terms, lrs, raw_model, method, data,
+              batch_time, data_time, global_batch, tb) -> None:
+    values = {name: float(v) for name, v in terms.items()}
+    state.last_terms = values
+    logit_scale = raw_model.logit_scale.exp().item()
+    extra = {name: float(v) for name, v in method.scalars().items()}
+    samples_per_s = global_batch / max(batch_time.avg, 1e-9)
+    percent = 100.0 * batch_in_epoch / steps_this_epoch
+    loss_str = " ".join(f"{k}: {v:.5g}" for k, v in values.items())
+    lr_str = " ".join(f"{k}: {v:.3g}" for k, v in lrs.items())
+    extra_str = " ".join(f"{k}: {v:.4g}" for k, v in extra.items())
+    skipped = data.skipped()
+    log.info(f"Train Epoch: {epoch} [{batch_in_epoch}/{steps_this_epoch} ({percent:.0f}%)] "
+             f"Data (t): {data_time.avg:.3f} Batch (t): {batch_time.avg:.3f}, "
+             f"{samples_per_s:.1f}/s, {loss_str} {lr_str} Logit Scale: {logit_scale:.3f} "
+             f"{extra_str} skipped_samples: {skipped} nonfinite_steps: {state.skipped_nonfinite}")
+    tb.scalars("train", {**values, **lrs, **extra, "logit_scale": logit_scale,
+                         "data_time": data_time.avg, "batch_time": batch_time.avg,
+                         "samples_per_second": samples_per_s, "skipped_samples": skipped,
+                         "nonfinite_steps": state.skipped_nonfinite}, state.step)
