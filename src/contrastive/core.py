@@ -58,7 +58,8 @@ def batch_log_normalizers(sim: torch.Tensor, scale_img: torch.Tensor, scale_txt:
 
 
 def data_term(feats: Features, a_img: torch.Tensor, a_txt: torch.Tensor, scale_img: torch.Tensor,
-              scale_txt: torch.Tensor, eps: float, differentiate_tau_twice: bool = False):
+              scale_txt: torch.Tensor, eps: float, differentiate_tau_twice: bool = False,
+              log_normalizers: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Per-rank surrogate whose DDP-averaged gradient is ∇[D_img(a_img) + D_txt(a_txt)].
 
     a_img, a_txt: [N] detached log-normalizer estimates for all anchors of the gathered batch.
@@ -67,6 +68,8 @@ def data_term(feats: Features, a_img: torch.Tensor, a_txt: torch.Tensor, scale_i
     differentiate_tau_twice: also differentiate λ in the negative-side part, as the reference FastCLIP
     code does (its published ρ values are tuned to that). Off by default: that gradient is not the
     objective's.
+    log_normalizers: `batch_log_normalizers` for these scales when the caller already has them (spares
+    an N×N product that only the logged values need).
 
     Returns (surrogate, (D_img, D_txt)) where D_* are the detached values of the data terms over the
     global batch, for logging.
@@ -76,30 +79,35 @@ def data_term(feats: Features, a_img: torch.Tensor, a_txt: torch.Tensor, scale_i
     img, txt = fp32(feats.image), fp32(feats.text)
     all_img, all_txt = feats.all_image, feats.all_text
     n = all_img.shape[0]
-    w_img, w_txt = torch.exp(-fp32(a_img.detach())), torch.exp(-fp32(a_txt.detach()))
+    a_img, a_txt = fp32(a_img.detach()), fp32(a_txt.detach())
+    log_n1 = _log(n - 1)
 
-    def side(anchors, positives, all_anchors, all_columns, own_columns, scale, weight):
+    def side(anchors, positives, all_anchors, all_columns, own_columns, scale, a):
         scale_all = _per_anchor(scale, n)
         # Anchor side: own anchors against every column (the own positive carries gradient).
+        # Each anchor's term exp(−a_i)·g_i is formed as exp(log g_i − a_i): at small τ both g_i and
+        # exp(a_i) overflow fp32 while their ratio is ordinary (exp(−a)·g would give 0·inf = NaN).
         pos = (anchors * positives).sum(-1, keepdim=True)
         logits = (anchors @ all_columns.T - pos) * scale_all[loc, None]
-        g_own = _logsumexp_without_positive(logits, loc.start).exp() / (n - 1)
-        anchor_part = (weight[loc] * g_own).sum()
+        log_g_own = _logsumexp_without_positive(logits, loc.start) - log_n1
+        anchor_part = (log_g_own - a[loc]).exp().sum()
         # Negative side: every anchor (detached) against own columns, skipping each anchor's positive.
         all_pos = (all_anchors * all_columns).sum(-1, keepdim=True)
         neg_scale = scale_all if differentiate_tau_twice else scale_all.detach()
         neg_logits = (all_anchors @ own_columns.T - all_pos) * neg_scale[:, None]
-        g_neg = _logsumexp_without_positive(neg_logits, -loc.start).exp() / (n - 1)
-        negative_part = (weight * g_neg).sum()
+        log_g_neg = _logsumexp_without_positive(neg_logits, -loc.start) - log_n1
+        negative_part = (log_g_neg - a).exp().sum()
         return (anchor_part + negative_part) * world / n
 
-    surrogate = side(img, txt, all_img, all_txt, txt, scale_img, w_img) \
-        + side(txt, img, all_txt, all_img, img, scale_txt, w_txt)
+    surrogate = side(img, txt, all_img, all_txt, txt, scale_img, a_img) \
+        + side(txt, img, all_txt, all_img, img, scale_txt, a_txt)
     with torch.no_grad():
-        log_n_img, log_n_txt = batch_log_normalizers(all_img @ all_txt.T, scale_img.detach(),
-                                                     scale_txt.detach(), eps)
-        d_img = (w_img * log_n_img.exp()).mean()
-        d_txt = (w_txt * log_n_txt.exp()).mean()
+        if log_normalizers is None:
+            log_normalizers = batch_log_normalizers(all_img @ all_txt.T, scale_img.detach(),
+                                                    scale_txt.detach(), eps)
+        log_n_img, log_n_txt = log_normalizers
+        d_img = (fp32(log_n_img) - a_img).exp().mean()
+        d_txt = (fp32(log_n_txt) - a_txt).exp().mean()
     return surrogate, (d_img, d_txt)
 
 

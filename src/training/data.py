@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import logging
 import math
 import multiprocessing
 import random
@@ -29,13 +27,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
-from training.data_checks import (DataConfigError, KeyRangeCheck, SkipLog, UnusableSample, check_enough_shards,
-                                  check_images_reachable, check_shards_exist, column_indices, expand_shard_urls,
-                                  per_sample_state_size, require_train_num_samples)
-
-logger = logging.getLogger("training.data")
+from training.data_checks import (DataConfigError, KeyRangeCheck, SkipLog, SkipUnreadable, UnusableSample,
+                                  check_enough_shards, check_images_reachable, check_shards_exist, column_indices,
+                                  expand_shard_urls, per_sample_state_size, require_train_num_samples,
+                                  shard_sample_key, tarfile_to_samples)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_MEMBERS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))  # tar members worth keeping in memory
@@ -49,7 +45,7 @@ class SharedEpoch:
     """The epoch number, readable by DataLoader workers (a shared int: reaches persistent workers too)."""
 
     def __init__(self, epoch: int = 0):
-        self._value = multiprocessing.Value("i", epoch)
+        self._value = multiprocessing.Value("i", epoch, lock=False)  # one writer; no lock: spawn-safe
 
     def set(self, epoch: int) -> None:
         self._value.value = epoch
@@ -59,17 +55,26 @@ class SharedEpoch:
 
 
 class SkipCountingLoader:
-    """Iterates a DataLoader of (images, texts, keys, newly_skipped) as (images, texts, keys),
-    adding up the skip counts."""
+    """Iterates a DataLoader of (images, texts, keys, newly_skipped) as (images, texts, keys), adding up
+    the skip counts; items without images carry only a count. With `exact`, an epoch that comes up short
+    raises: in DDP the other ranks would wait for the missing steps forever."""
 
-    def __init__(self, loader: DataLoader, num_batches: int | None, num_samples: int | None):
-        self.loader, self.num_batches, self.num_samples = loader, num_batches, num_samples
+    def __init__(self, loader: DataLoader, num_batches: int | None, num_samples: int | None, exact: bool):
+        self.loader, self.num_batches, self.num_samples, self.exact = loader, num_batches, num_samples, exact
         self.skipped = 0
 
     def __iter__(self):
+        batches = 0
         for images, texts, keys, newly_skipped in self.loader:
             self.skipped += int(newly_skipped)
-            yield images, texts, keys
+            if images is not None:
+                batches += 1
+                yield images, texts, keys
+        if self.exact and batches != self.num_batches:
+            raise RuntimeError(f"this rank got {batches} of its {self.num_batches} batches this epoch "
+                               f"({self.skipped} unusable samples skipped so far, see the warnings): some "
+                               "DataLoader worker found no usable data, or its shards hold fewer samples "
+                               "than one batch")
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -126,28 +131,6 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")  # forces the full decode, so truncated files fail here
 
 
-def as_key(value, where: str) -> int:
-    # img2dataset writes keys as zero-padded digit strings ("000012345")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    raise DataConfigError(f"{where}: sample key {value!r} is not an integer; add a .json with an integer "
-                          "'key' field to every sample (img2dataset writes one), or name samples by number")
-
-
-def shard_sample_key(sample: dict, where: str) -> int:
-    """The .json member's "key" (img2dataset layout), else the sample's numeric name in the tar."""
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError as exn:
-            raise UnusableSample(f"{where}: unreadable .json: {exn}") from exn
-        if isinstance(meta, dict) and "key" in meta:
-            return as_key(meta["key"], where)
-    return as_key(sample["__key__"], where)
-
-
 class ShardSampleDecoder:
     """Raw tar sample (bytes per extension) -> (image, tokens, key); raises UnusableSample to skip."""
 
@@ -194,44 +177,6 @@ def collate_counted_samples(samples):
 
 
 # ---------------------------------------------------------------------------------- webdataset
-
-def group_by_keys(files, handler, keep=SAMPLE_MEMBERS):
-    """Groups a shard's members into samples by file-name prefix.
-
-    Tolerates webdataset's end-of-shard marker (an empty dict, which some versions of this function
-    choke on with KeyError: 'fname'), and starts a new sample when the shard changes, so the tail of a
-    truncated shard is never merged into the next shard's first sample.
-    """
-    current = None
-    for member in files:
-        if "fname" not in member:
-            if current is not None:
-                yield current
-            current = None
-            continue
-        prefix, suffix = base_plus_ext(member["fname"])
-        if prefix is None:
-            continue
-        suffix = suffix.lower()
-        if current is None or prefix != current["__key__"] or member["__url__"] != current["__url__"]:
-            if current is not None:
-                yield current
-            current = {"__key__": prefix, "__url__": member["__url__"]}
-        if suffix in current:
-            if handler(UnusableSample(f"{member['__url__']}: duplicate member {member['fname']}")):
-                continue
-            return
-        if suffix in keep:
-            current[suffix] = member["data"]
-    if current is not None:
-        yield current
-
-
-def tarfile_to_samples(shards, handler):
-    """{"url": ...} dicts -> samples, with every read error passed to `handler`."""
-    streams = url_opener(shards, handler=handler)
-    return group_by_keys(tar_file_expander(streams, handler=handler), handler)
-
 
 def split_by_rank(shards, rank: int, world_size: int):
     # Instead of wds.split_by_node, which asks torch.distributed: this follows args.rank/world_size,
@@ -289,15 +234,27 @@ def epoch_length(num_samples: int, batch_size: int, world_size: int, workers: in
     return num_batches, num_batches * batch_size * world_size
 
 
-def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key) -> wds.DataPipeline:
-    skip_log = SkipLog("train" if is_train else "val")
+class WithTrailingSkipCount(IterableDataset):
+    """The pipeline's batches, then (None, None, None, n) if samples were skipped after the last batch,
+    so that those skips (e.g. all of a worker's shards unreadable) are counted too."""
+
+    def __init__(self, pipeline: wds.DataPipeline, skip_log: SkipLog):
+        self.pipeline, self.skip_log = pipeline, skip_log
+
+    def __iter__(self):
+        yield from self.pipeline
+        if self.skip_log.pending:
+            yield None, None, None, torch.tensor(self.skip_log.take_pending())
+
+
+def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log):
     if is_train and args.dataset_resampled:
         stages = [EpochResampledShards(urls, args.seed, shared_epoch, args.rank)]
     else:
         stages = [EpochShuffledShards(urls, args.seed, shared_epoch, shuffle=is_train),
                   wds.pipelinefilter(split_by_rank)(rank=args.rank, world_size=args.world_size),
                   wds.split_by_worker]
-    stages.append(wds.pipelinefilter(tarfile_to_samples)(handler=skip_log.handle))
+    stages.append(wds.pipelinefilter(tarfile_to_samples)(skip_log=skip_log, keep=SAMPLE_MEMBERS))
     if is_train:
         stages.append(EpochSeededShuffle(args.seed, shared_epoch, args.rank))
     stages += [
@@ -312,20 +269,22 @@ def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) 
     flag = "--train-data" if is_train else "--val-data"
     urls = expand_shard_urls(args.train_data if is_train else args.val_data, flag)
     check_shards_exist(urls, flag)
-    pipeline = shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key)
     if is_train:
         num_samples = require_train_num_samples(args.train_num_samples)
         if not args.dataset_resampled:
             check_enough_shards(len(urls), args.workers, args.world_size)
+    skip_log = SkipLog("train" if is_train else "val")
+    pipeline = shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log)
+    if is_train:
         num_batches, num_samples = epoch_length(num_samples, args.batch_size, args.world_size, args.workers)
         # Repeats (or cuts) each worker's stream to exactly its share, so all ranks take the same steps.
         pipeline = pipeline.with_epoch(num_batches // max(1, args.workers))
-    else:
+    else:  # an estimate: validation keeps each worker's partial last batch
         num_samples = args.val_num_samples or None
         num_batches = math.ceil(num_samples / (args.batch_size * args.world_size)) if num_samples else None
-    loader = DataLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.workers,
+    loader = DataLoader(WithTrailingSkipCount(pipeline, skip_log), batch_size=None, num_workers=args.workers,
                         persistent_workers=False, pin_memory=torch.cuda.is_available())
-    return DataInfo(SkipCountingLoader(loader, num_batches, num_samples), shared_epoch)
+    return DataInfo(SkipCountingLoader(loader, num_batches, num_samples, exact=is_train), shared_epoch)
 
 
 # ------------------------------------------------------------------------- map-style: CSV, synthetic
@@ -364,36 +323,6 @@ def field(row: list[str], column: int) -> str:
     return row[column] if column < len(row) else ""
 
 
-class SkipUnreadable(Dataset):
-    """Wraps a map-style dataset of (image, tokens, key) items. An item that fails to load is logged,
-    counted and replaced by another, pseudo-randomly chosen item, so batches stay full (constant shapes
-    matter for DDP all-gathers); that replacement is seen twice in the epoch. Yields
-    (image, tokens, key, items_skipped_before_it)."""
-
-    MAX_ATTEMPTS = 16
-
-    def __init__(self, dataset: Dataset, check_key: KeyRangeCheck, split: str):
-        self.dataset, self.check_key, self.skip_log = dataset, check_key, SkipLog(split)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, idx: int):
-        for attempt in range(self.MAX_ATTEMPTS):
-            try:
-                image, tokens, key = self.dataset[idx]
-            except DataConfigError:
-                raise
-            except Exception as exn:
-                self.skip_log.handle(exn)
-                idx = random.Random(stream_seed("replacement", idx, attempt)).randrange(len(self.dataset))
-                continue
-            self.check_key(key, f"item {idx}")
-            return image, tokens, key, attempt
-        raise DataConfigError(f"{self.MAX_ATTEMPTS} items in a row could not be loaded (see the warnings "
-                              "above); the data set looks broken rather than damaged: check its paths")
-
-
 def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedEpoch) -> DataInfo:
     sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=is_train,
                                  seed=args.seed, drop_last=is_train)
@@ -404,7 +333,7 @@ def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedE
                         collate_fn=collate_counted_samples, drop_last=is_train, persistent_workers=False,
                         pin_memory=torch.cuda.is_available())
     num_samples = len(loader) * args.batch_size * args.world_size if is_train else len(dataset)
-    return DataInfo(SkipCountingLoader(loader, len(loader), num_samples), shared_epoch, sampler)
+    return DataInfo(SkipCountingLoader(loader, len(loader), num_samples, exact=is_train), shared_epoch, sampler)
 
 
 def get_csv_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
@@ -429,7 +358,7 @@ def get_synthetic_data(args, transform, tokenizer, shared_epoch, check_key) -> D
 # --------------------------------------------------------------------------------------- entry
 
 def resolve_dataset_type(path: str, requested: str, flag: str) -> str:
-    if requested not in ("auto", "synthetic"):
+    if requested not in ("auto", "synthetic"):  # synthetic is training-only: --val-data goes by extension
         return requested
     extension = path.split("::")[0].rsplit(".", 1)[-1].lower()
     if extension == "tar":
@@ -441,14 +370,15 @@ def resolve_dataset_type(path: str, requested: str, flag: str) -> str:
 
 
 def get_data(args, preprocess_train, preprocess_val, tokenizer, epoch: int = 0) -> dict[str, DataInfo]:
-    """{"train": DataInfo, "val": DataInfo}, each present when configured. With no --train-data,
-    --dataset-type auto or synthetic trains on the built-in synthetic shapes data set."""
-    check_key = KeyRangeCheck(per_sample_state_size(args.uses_per_sample_state, args.data_size))
+    """{"train": DataInfo, "val": DataInfo}, each present when configured: "train" for --train-data
+    or --dataset-type synthetic (the built-in shapes data set), "val" for --val-data."""
     data = {}
-    if args.dataset_type == "synthetic" or (args.train_data is None and args.dataset_type == "auto"):
-        data["train"] = get_synthetic_data(args, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
-    elif args.train_data is not None:
-        data["train"] = get_split(args, True, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
+    if args.dataset_type == "synthetic" or args.train_data is not None:
+        check_key = KeyRangeCheck(per_sample_state_size(args.uses_per_sample_state, args.data_size))
+        if args.dataset_type == "synthetic":
+            data["train"] = get_synthetic_data(args, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
+        else:
+            data["train"] = get_split(args, True, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
     if args.val_data:
         # keys of a validation set index no training state: no range check
         data["val"] = get_split(args, False, preprocess_val, tokenizer, SharedEpoch(epoch), KeyRangeCheck(None))

@@ -1,20 +1,25 @@
-"""Start-up checks and per-sample error accounting for the data pipelines (`training.data`).
+"""Everything about bad input to the data pipelines of `training.data`.
 
 Two kinds of problems, two policies:
 
 * configuration mistakes (missing shards, too few shards for the readers, keys that do not fit the
-  per-sample state) raise at once, with the fix in the message: a run on a misconfigured pipeline
-  either hangs or quietly trains on the wrong thing;
-* damaged samples (corrupt tar members, truncated shards, undecodable images, missing captions) are
-  skipped, logged and counted: one bad file among millions must not stop a run, nor go unnoticed.
+  per-sample state, missing CSV columns) raise at once, with the fix in the message: a run on a
+  misconfigured pipeline either hangs or quietly trains on the wrong thing;
+* damaged data (corrupt or truncated shards, undecodable images, missing captions) is skipped, logged
+  and counted: one bad file among millions must not stop a run, nor go unnoticed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import re
+import tarfile
 
 import braceexpand
+from torch.utils.data import Dataset
+from webdataset.tariterators import base_plus_ext, url_opener
 
 logger = logging.getLogger("training.data")
 
@@ -48,10 +53,10 @@ class SkipLog:
         self.total += 1
         self.pending += 1
         if self.total <= self.FULL_REPORTS:
-            logger.warning("%s data: skipped an unusable sample (%d so far in this process): %s",
+            logger.warning("%s data: skipped unusable data (%d skips so far in this process): %s",
                            self.split, self.total, describe(exn))
         elif self.total & (self.total - 1) == 0:
-            logger.warning("%s data: %d unusable samples skipped so far in this process (latest: %s)",
+            logger.warning("%s data: %d skips of unusable data so far in this process (latest: %s)",
                            self.split, self.total, describe(exn))
         return True
 
@@ -66,8 +71,7 @@ def describe(exn: BaseException, limit: int = 400) -> str:
     text = f"{type(exn).__name__}: {exn}"
     return text if len(text) <= limit else text[:limit] + " ..."
 
-
-# ----------------------------------------------------------------------------- shards
+# ------------------------------------------------------------------------------ start-up checks
 
 def expand_shard_urls(pattern: str, flag: str) -> list[str]:
     """'a/{00000..00099}.tar::b/{0..9}.tar' -> the list of shard urls, in order."""
@@ -110,8 +114,6 @@ def require_train_num_samples(num_samples: int | None) -> int:
     return num_samples
 
 
-# -------------------------------------------------------------------------------- CSV
-
 def column_indices(header: list[str], columns: dict[str, str], path: str) -> dict[str, int]:
     """{flag: column name} -> {flag: column index}, naming every missing column and what is there."""
     missing = [f"{flag} {name!r}" for flag, name in columns.items() if name not in header]
@@ -131,7 +133,7 @@ def check_images_reachable(paths: list[str], csv_path: str, probe: int = 8) -> N
                                 f"({os.getcwd()}), so run from there or write absolute paths")
 
 
-# --------------------------------------------------------------------- per-sample state
+# ---------------------------------------------------------------------------------- sample keys
 
 def per_sample_state_size(uses_per_sample_state: bool, data_size: int | None) -> int | None:
     """The size of the key space the loss's per-sample state covers, or None when there is none."""
@@ -156,3 +158,135 @@ class KeyRangeCheck:
                 f"sample key {key} ({where}) does not fit --data_size {self.data_size}: per-sample state "
                 f"is indexed by key, so keys must lie in [0, {self.data_size}); set --data_size to "
                 "max key + 1")
+
+def as_key(value, where: str) -> int:
+    # img2dataset writes keys as zero-padded digit strings ("000012345")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise DataConfigError(f"{where}: sample key {value!r} is not an integer; add a .json with an integer "
+                          "'key' field to every sample (img2dataset writes one), or name samples by number")
+
+
+def shard_sample_key(sample: dict, where: str) -> int:
+    """The .json member's "key" (img2dataset layout), else the sample's numeric name in the tar."""
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as exn:
+            raise UnusableSample(f"{where}: unreadable .json: {exn}") from exn
+        if isinstance(meta, dict) and "key" in meta:
+            return as_key(meta["key"], where)
+    return as_key(sample["__key__"], where)
+
+# ------------------------------------------------------------------------------- damaged shards
+
+class _EndRecordingTarInfo(tarfile.TarInfo):
+    """Remembers why tarfile stopped reading headers: it ends iteration quietly on a damaged or missing
+    header just as on the end-of-archive marker, so a shard cut at a 512-byte boundary looks complete."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.HeaderError as exn:
+            archive.last_header_error = exn
+            raise
+
+
+def iter_tar_members(fileobj):
+    """(name, bytes) of every regular file of a tar stream; raises on damage, including a missing end."""
+    with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndRecordingTarInfo) as archive:
+        for info in archive:
+            if info.isreg():
+                yield info.name, archive.extractfile(info).read()
+            archive.members = []  # stream mode keeps every header otherwise: memory would grow per shard
+        end = getattr(archive, "last_header_error", None)
+        if not isinstance(end, tarfile.EOFHeaderError):
+            raise tarfile.ReadError(f"archive ends without its end-of-archive marker ({end}): truncated or damaged")
+
+
+def read_tar_members(streams, skip_log: SkipLog):
+    """Opened shards -> tar members; a read error skips (and counts, once) the rest of that shard."""
+    for source in streams:
+        url, stream = source["url"], source["stream"]
+        try:
+            for name, data in iter_tar_members(stream):
+                yield {"fname": name, "data": data, "__url__": url}
+        except Exception as exn:
+            skip_log.handle(UnusableSample(f"shard {url} is damaged, skipping the rest of it: {describe(exn)}"))
+        finally:
+            stream.close()
+        yield {}  # end-of-shard marker, as webdataset's tar_file_expander yields it
+
+
+def group_by_keys(files, handler, keep: frozenset[str]):
+    """Groups a shard's members into samples by file-name prefix.
+
+    Tolerates webdataset's end-of-shard marker (an empty dict, which some versions of this function
+    choke on with KeyError: 'fname'), and starts a new sample when the shard changes, so the tail of a
+    truncated shard is never merged into the next shard's first sample.
+    """
+    current = None
+    for member in files:
+        if "fname" not in member:
+            if current is not None:
+                yield current
+            current = None
+            continue
+        prefix, suffix = base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"] or member["__url__"] != current["__url__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": member["__url__"]}
+        if suffix in current:
+            if handler(UnusableSample(f"{member['__url__']}: duplicate member {member['fname']}")):
+                continue
+            return
+        if suffix in keep:
+            current[suffix] = member["data"]
+    if current is not None:
+        yield current
+
+
+def tarfile_to_samples(shards, skip_log: SkipLog, keep: frozenset[str]):
+    """{"url": ...} dicts -> samples holding the `keep` members; damaged shards and members are skipped
+    and counted."""
+    streams = url_opener(shards, handler=skip_log.handle)
+    return group_by_keys(read_tar_members(streams, skip_log), skip_log.handle, keep)
+
+# --------------------------------------------------------- damaged items of map-style data sets
+
+class SkipUnreadable(Dataset):
+    """Wraps a map-style dataset of (image, tokens, key) items. An item that fails to load is logged,
+    counted and replaced by another, pseudo-randomly chosen item, so batches stay full (constant shapes
+    matter for DDP all-gathers); that replacement is seen twice in the epoch. Yields
+    (image, tokens, key, items_skipped_before_it)."""
+
+    MAX_ATTEMPTS = 16
+
+    def __init__(self, dataset: Dataset, check_key: KeyRangeCheck, split: str):
+        self.dataset, self.check_key, self.skip_log = dataset, check_key, SkipLog(split)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        for attempt in range(self.MAX_ATTEMPTS):
+            try:
+                image, tokens, key = self.dataset[idx]
+            except DataConfigError:
+                raise
+            except Exception as exn:
+                self.skip_log.handle(exn)
+                # str seeds are hashed: replacement picks look random, yet repeat run to run
+                idx = random.Random(f"replacement/{idx}/{attempt}").randrange(len(self.dataset))
+                continue
+            self.check_key(key, f"item {idx}")
+            return image, tokens, key, attempt
+        raise DataConfigError(f"{self.MAX_ATTEMPTS} items in a row could not be loaded (see the warnings "
+                              "above); the data set looks broken rather than damaged: check its paths")

@@ -1,0 +1,235 @@
+"""The two estimators with no network: the mini-batch one and FastCLIP's moving average.
+
+* `minibatch`: a_i = log(ε + g(i, B)) of the gathered batch B. With this estimator the family's
+  gradient is the mini-batch contrastive loss's (OpenCLIP's InfoNCE up to constants and ε).
+* `moving_average` (SogCLR / FastCLIP, paper eq. 3): one u per sample key and modality,
+      u_i ← (1 − γ)·u_i + γ·(ε + g(i, B))      for the gathered batch's keys,  a_i = log u_i.
+  γ follows `moving_average_gamma` (1 in epoch 0, then a cosine decay to --gamma).
+
+Per-sample state lives in `PerSampleTable`s: float32, indexed by key, a full copy on every rank and on
+the host (as the reference keeps it): 414M keys take 3.3 GB, which should not compete with activations
+for accelerator memory, and a step touches only N entries. `check_memory` refuses to start a run whose
+tables would not fit in RAM.
+
+How the moving average differs from the reference FastCLIP code, and why:
+  * u is stored as log u. ε + g reaches exp(200) at τ = 0.01 (s_ij − s_ii up to 2), past fp32's
+    range; log u holds it, and a = log u needs no log at all (the reference takes log(u), which is
+    −inf for u = 0). The update is the same average, formed with logaddexp.
+  * u estimates ε + g (the paper's eq. 3); the reference averages g and adds ε when dividing.
+  * The reference's guard is kept: an entry never seen (u = 0, i.e. log u = −inf), NaN, ±inf, or
+    u < 1e-35 takes the batch value ε + g instead of being averaged with it. It also applies at γ = 1,
+    where it changes nothing but NaN.
+  * Every rank computes the same update from the same gathered features and keys, so all ranks' new
+    u's reach every rank without a collective (the reference all-gathers them).
+  * A key that occurs twice in one gathered batch: each occurrence is averaged from the same old u
+    and the last occurrence is written (deterministically: writes are de-duplicated first).
+"""
+import math
+import os
+
+import torch
+from torch import nn
+
+from .estimator import BatchStats, Estimate, NormalizerEstimator, register_estimator
+from .features import Features
+
+#: The reference's threshold below which a stored u counts as never set.
+LOG_RESET_THRESHOLD = math.log(1e-35)
+
+
+# --------------------------------------------------------------------------------- per-sample state
+
+class PerSampleTable(nn.Module):
+    """Named columns of per-sample values indexed by sample key, kept on the host in their own dtype.
+
+    The columns are buffers, so `state_dict()` checkpoints them; `.to(device)` / `.double()` on an
+    enclosing module leave them where and as they are (see `_apply`).
+    """
+
+    def __init__(self, size: int, columns: dict[str, tuple[torch.dtype, float]], owner: str):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"{owner} keeps one entry per sample key: set --data_size to the size of "
+                             f"the key space (largest key + 1); got {size}")
+        self.size, self.owner = size, owner
+        for name, (dtype, fill) in columns.items():
+            self.register_buffer(name, torch.full((size,), fill, dtype=dtype))
+
+    @staticmethod
+    def bytes_per_sample(columns: dict[str, tuple[torch.dtype, float]]) -> int:
+        return sum(torch.empty((), dtype=dtype).element_size() for dtype, _ in columns.values())
+
+    def _apply(self, fn, recurse=True):
+        # Module.to / .cuda / .double / .half all go through _apply: per-sample state stays on the
+        # host in its own dtype whatever device or precision the rest of the method moves to.
+        return self
+
+    def host_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys as host int64 indices, checked against the table's size."""
+        keys = keys.detach().to("cpu", torch.int64)
+        if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.size):
+            bad = int(keys.max()) if int(keys.max()) >= self.size else int(keys.min())
+            raise IndexError(f"{self.owner}: sample key {bad} is outside [0, {self.size}): --data_size "
+                             "must be at least the largest key + 1")
+        return keys
+
+    def read(self, name: str, keys: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Column `name` at host `keys`, on `like`'s device and in its dtype."""
+        return getattr(self, name)[keys].to(device=like.device, dtype=like.dtype)
+
+    def write(self, keys: torch.Tensor, **columns: torch.Tensor) -> None:
+        """Store values by host key; of repeated keys the last occurrence wins."""
+        last = last_occurrences(keys)
+        keys = keys[last]
+        for name, values in columns.items():
+            column = getattr(self, name)
+            column[keys] = values.detach()[last.to(values.device)].to("cpu", column.dtype)
+
+
+def last_occurrences(keys: torch.Tensor) -> torch.Tensor:
+    """Positions of each distinct key's last occurrence (index_put with repeated indices is undefined)."""
+    if keys.numel() == 0:
+        return keys
+    distinct, inverse = torch.unique(keys, return_inverse=True)
+    positions = torch.arange(keys.numel(), device=keys.device)
+    last = torch.full((distinct.numel(),), -1, dtype=positions.dtype, device=keys.device)
+    return last.scatter_reduce(0, inverse, positions, reduce="amax")
+
+
+# ---------------------------------------------------------------------------------------- estimators
+
+class MiniBatchEstimator(NormalizerEstimator):
+    """a_i = log(ε + g(i, B)): the gathered batch's own normalizers."""
+
+    def estimate(self, feats: Features, stats: BatchStats) -> Estimate:
+        return Estimate(stats.log_norm_img, stats.log_norm_txt)
+
+    def predict(self, feats: Features, stats: BatchStats):
+        return stats.log_norm_img, stats.log_norm_txt
+
+
+def moving_average_gamma(epoch: int, final_gamma: float, schedule: str, decay_epochs: int) -> float:
+    """γ of the moving average in `epoch`, as the reference sets it at each epoch's start.
+
+    Epoch 0: 1 whatever the schedule (u is simply the batch value, no stale average yet).
+    cosine: 1 → final_gamma over epochs 0..decay_epochs, γ = final + (1 − final)·(1 + cos(π e/E))/2,
+    then final_gamma. constant: final_gamma from epoch 1 on.
+    """
+    if epoch <= 0:
+        return 1.0
+    if schedule == "constant" or epoch >= decay_epochs:
+        return final_gamma
+    if schedule != "cosine":
+        raise ValueError(f"unknown --gamma_schedule {schedule!r}: cosine or constant")
+    return final_gamma + (1.0 - final_gamma) * 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs))
+
+
+def moving_average_log(log_u: torch.Tensor, log_target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """log((1 − γ)·u + γ·target) from log u and log target, with the reference's reset guard:
+    entries never set (log u = −inf), non-finite or below 1e-35 take the target."""
+    if gamma >= 1.0:
+        return log_target.clone()
+    unset = ~torch.isfinite(log_u) | (log_u < LOG_RESET_THRESHOLD)
+    blended = torch.logaddexp(log_u + math.log1p(-gamma), log_target + math.log(gamma))
+    return torch.where(unset, log_target, blended)
+
+
+class MovingAverageEstimator(NormalizerEstimator):
+    """FastCLIP's per-sample moving averages u_img, u_txt (stored as log u; see the module docstring)."""
+
+    uses_per_sample_state = True
+    COLUMNS = {"log_u_img": (torch.float32, -math.inf), "log_u_txt": (torch.float32, -math.inf)}
+
+    def __init__(self, data_size: int, final_gamma: float, gamma_schedule: str = "cosine",
+                 gamma_decay_epochs: int = 10, state_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        columns = {name: (state_dtype, fill) for name, (_, fill) in self.COLUMNS.items()}
+        self.table = PerSampleTable(data_size, columns, owner="--estimator moving_average")
+        self.final_gamma, self.gamma_schedule = final_gamma, gamma_schedule
+        self.gamma_decay_epochs = gamma_decay_epochs
+        self.gamma = moving_average_gamma(0, final_gamma, gamma_schedule, gamma_decay_epochs)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.gamma = moving_average_gamma(epoch, self.final_gamma, self.gamma_schedule,
+                                          self.gamma_decay_epochs)
+
+    def estimate(self, feats: Features, stats: BatchStats) -> Estimate:
+        keys = self.table.host_keys(feats.all_keys)
+        a_img = moving_average_log(self.table.read("log_u_img", keys, stats.log_norm_img),
+                                   stats.log_norm_img, self.gamma)
+        a_txt = moving_average_log(self.table.read("log_u_txt", keys, stats.log_norm_txt),
+                                   stats.log_norm_txt, self.gamma)
+        self.table.write(keys, log_u_img=a_img, log_u_txt=a_txt)
+        return Estimate(a_img, a_txt)
+
+    def predict(self, feats: Features, stats: BatchStats):
+        """The stored estimates; an entry never set (or unusable) reads as the batch value."""
+        keys = self.table.host_keys(feats.all_keys)
+
+        def stored(name, batch_value):
+            log_u = self.table.read(name, keys, batch_value)
+            usable = torch.isfinite(log_u) & (log_u >= LOG_RESET_THRESHOLD)
+            return torch.where(usable, log_u, batch_value)
+
+        return stored("log_u_img", stats.log_norm_img), stored("log_u_txt", stats.log_norm_txt)
+
+    def scalars(self) -> dict:
+        return {"gamma": self.gamma}
+
+
+@register_estimator("minibatch")
+def build_minibatch(args, embed_dim: int) -> MiniBatchEstimator:
+    return MiniBatchEstimator()
+
+
+@register_estimator("moving_average")
+def build_moving_average(args, embed_dim: int) -> MovingAverageEstimator:
+    return MovingAverageEstimator(args.data_size, args.gamma, args.gamma_schedule, args.gamma_decay_epochs)
+
+
+# ------------------------------------------------------------------------------------ memory check
+
+def per_sample_state_bytes(args) -> int:
+    """Bytes of per-sample state one rank keeps for these flags (every rank keeps a full copy)."""
+    # Imported here: temperature.py builds its tables from this module.
+    from .temperature import per_sample_temperature_bytes
+
+    per_sample = per_sample_temperature_bytes(args.temperature_scheme)
+    if args.estimator == "moving_average":
+        per_sample += PerSampleTable.bytes_per_sample(MovingAverageEstimator.COLUMNS)
+    return per_sample * max(args.data_size, 0)
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free + reclaimable), else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(args, processes_per_host: int | None = None, available: int | None = None) -> int:
+    """Refuse, before allocating, per-sample state that would not fit in this host's RAM.
+
+    Every process on the host keeps its own copy (LOCAL_WORLD_SIZE processes by default).
+    Returns the bytes one process will allocate.
+    """
+    per_process = per_sample_state_bytes(args)
+    if per_process == 0:
+        return 0
+    processes = processes_per_host or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available = available_ram_bytes() if available is None else available
+    needed = per_process * processes
+    if needed > available:
+        raise MemoryError(
+            f"per-sample state needs {needed} bytes ({needed / 2**30:.2f} GiB: "
+            f"{per_process // max(args.data_size, 1)} bytes x --data_size {args.data_size} x "
+            f"{processes} process(es) on this host) but only {available} bytes "
+            f"({available / 2**30:.2f} GiB) of RAM are available. Fix: set --data_size to the "
+            "largest sample key + 1 (not more), run fewer processes per host, or use an estimator "
+            "without per-sample state (--estimator npn) and a global temperature scheme.")
+    return per_process

@@ -1,0 +1,238 @@
+"""Normalizer-prediction networks (NPNs) and the small optimizers that train them.
+
+An NPN maps an anchor to α ≈ log(ε + g_i), the log of its normalizer over the whole data set.
+
+* `PrototypeNPN` (NeuCLIP, paper eqs. 10–11): m prototypes W_j summarise the *other* modality;
+      α(x_i) = log(ε + (1/m) Σ_j exp((cos(e_i, W_j) − s_ii)·λ_i)),
+  the data-set normalizer with the n other-modality embeddings replaced by m prototypes.
+  The image-side NPN's prototypes summarise text embeddings and vice versa.
+* `ResidualMLPNPN` (AmorLIP, and NeuCLIP's "MLP" ablation): a residual MLP on the detached,
+  L2-normalised embedding.
+
+Both take the same inputs (anchors, positive similarities s_ii, λ = 1/τ, ε) so estimators can swap them.
+Their training state lives in `AdaGrad` / `Adam` modules whose accumulators are buffers, so
+`state_dict()` checkpoints the NPN and its optimizer together; every rank applies the same averaged
+gradient to the same state and so stays bit-identical without broadcasting weights.
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import comm
+
+
+def log_eps_plus(log_x: torch.Tensor, eps: float) -> torch.Tensor:
+    """log(ε + exp(log_x)) without forming exp(log_x) (it overflows fp32 for small τ)."""
+    if eps <= 0:
+        return log_x
+    return torch.logaddexp(log_x, torch.full_like(log_x, math.log(eps)))
+
+
+def per_anchor(scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """λ as a column broadcastable against [anchors, prototypes]: a scalar stays a scalar."""
+    if scale.dim() == 0:
+        return scale
+    return (scale if rows is None else scale[rows])[:, None]
+
+
+# ----------------------------------------------------------------------------------------- networks
+
+class PrototypeNPN(nn.Module):
+    """α(x_i) = log(ε + mean_j exp((cos(e_i, W_j) − s_ii)·λ_i)), computed as a log-sum-exp.
+
+    W is stored as [m, d]. Only its rows' directions enter α (cosine), so the rows' norm is free: it is
+    the parameterisation knob that sets how far one optimizer step turns a prototype (see `reset_`).
+    """
+
+    def __init__(self, num_protos: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_protos, dim))
+
+    @property
+    def num_protos(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, anchors, positive_sim, scale, eps):
+        cos = anchors @ F.normalize(self.weight, dim=1).T                      # [n, m]
+        logits = (cos - positive_sim[:, None]) * scale
+        return log_eps_plus(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)
+
+    @torch.no_grad()
+    def reset_(self, rows: torch.Tensor, norm: float) -> None:
+        """Prototypes := the given embeddings' directions, each scaled to length `norm`."""
+        self.weight.copy_(F.normalize(rows.to(self.weight.dtype), dim=1) * norm)
+
+
+class ResidualMLPNPN(nn.Module):
+    """Linear(d→h) → ReLU → LayerNorm → Linear(h→d) → ReLU → LayerNorm → +input → ReLU → Linear(d→1).
+
+    Input: the detached, L2-normalised embedding; output α (AmorLIP: log λ). The positive similarity and
+    temperature are accepted for interface parity with `PrototypeNPN` and ignored.
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.norm1 = nn.Linear(dim, hidden), nn.LayerNorm(hidden)
+        self.fc2, self.norm2 = nn.Linear(hidden, dim), nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, anchors, positive_sim=None, scale=None, eps=None):
+        x = F.normalize(anchors.detach(), dim=1)
+        h = self.norm1(F.relu(self.fc1(x)))
+        h = self.norm2(F.relu(self.fc2(h)))
+        return self.head(F.relu(h + x)).squeeze(1)
+
+    @torch.no_grad()
+    def reset_(self, generator: torch.Generator, output_bias=0.0) -> None:
+        """PyTorch's default Linear/LayerNorm initialisation drawn from `generator`, so that every rank
+        (and a resumed run) draws the same network; the head's bias starts at `output_bias` (a float or
+        a 0-dim tensor: a device tensor needs no host sync)."""
+        for layer in (self.fc1, self.fc2, self.head):
+            bound = 1.0 / math.sqrt(layer.in_features)  # = kaiming_uniform(a=√5) for the weight
+            _uniform_(layer.weight, bound, generator)
+            _uniform_(layer.bias, bound, generator)
+        for norm in (self.norm1, self.norm2):
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
+        self.head.bias.fill_(output_bias)
+
+
+def _uniform_(t: torch.Tensor, bound: float, generator: torch.Generator) -> None:
+    # Drawn on the CPU (where the generator lives) and copied, so the device does not matter.
+    t.copy_((torch.rand(t.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+
+
+def seeded_generator(*salt: int) -> torch.Generator:
+    """A CPU generator determined by integers only (seed, step, ...): identical on every rank."""
+    value = 0
+    for s in salt:
+        value = (value * 1_000_003 + int(s)) % (2 ** 63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+# --------------------------------------------------------------------------------------- objectives
+
+def unified_objective(alpha, log_norm, scale):
+    """NeuCLIP's NPN objective (eq. 12 with the encoders fixed): τ·mean_i[exp(−α_i)(ε+g_i) + α_i].
+
+    Linear in ε+g_i, so plugging in the mini-batch estimate g_i gives an *unbiased* stochastic gradient
+    of the data-set objective; its minimiser per anchor is α_i = log(ε+g_i). (AmorLIP's regression onto
+    log(ε+g_i) is not linear in g_i: the batch target makes its gradient biased.) exp(−α)(ε+g) is
+    formed as exp(log_norm − α) so neither factor overflows.
+    """
+    terms = torch.exp(log_norm - alpha) + alpha
+    return (terms / scale).mean() if scale.dim() == 0 else (terms / scale.reshape(-1)).mean()
+
+
+def regression_objective(alpha, log_norm, scale=None):
+    """AmorLIP's separate objective (paper §5.2): mean_i (α_i − log(ε + g_i))²."""
+    return (alpha - log_norm).square().mean()
+
+
+OBJECTIVES = {"unified": unified_objective, "regression": regression_objective}
+
+
+# ------------------------------------------------------------------------------------- optimizers
+
+class _BufferOptimizer(nn.Module):
+    """Optimizer whose state tensors are buffers (one per trained tensor), checkpointed by state_dict.
+
+    Updates are in place on the given tensors, under no_grad, with tensor maths only (no host syncs).
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, state_names: tuple[str, ...]):
+        super().__init__()
+        self.lr = lr
+        self._state_names = state_names
+        for i, p in enumerate(params):
+            for name in state_names:
+                self.register_buffer(f"{name}_{i}", torch.zeros_like(p, memory_format=torch.contiguous_format))
+
+    def state(self, name: str, i: int) -> torch.Tensor:
+        return getattr(self, f"{name}_{i}")
+
+    @torch.no_grad()
+    def reset_(self) -> None:
+        for buf in self.buffers():
+            buf.zero_()
+
+
+class AdaGrad(_BufferOptimizer):
+    """Duchi et al.'s AdaGrad as in torch.optim.Adagrad (no lr decay, no initial accumulator):
+        G ← G + g²,   p ← p − lr·g/(√G + eps).
+    Note its first step after a state reset is lr·g/|g| = ±lr per coordinate: a sign step."""
+
+    def __init__(self, params, lr: float, eps: float = 1e-10):
+        super().__init__(params, lr, ("sum_sq",))
+        self.eps = eps
+
+    @torch.no_grad()
+    def step_(self, params, grads) -> None:
+        for i, (p, g) in enumerate(zip(params, grads)):
+            sum_sq = self.state("sum_sq", i)
+            sum_sq.addcmul_(g, g)
+            p.addcdiv_(g, sum_sq.sqrt().add_(self.eps), value=-self.lr)
+
+
+class Adam(_BufferOptimizer):
+    """Kingma & Ba's Adam with bias correction; the step count is a tensor buffer so that the
+    correction needs no host sync."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, lr, ("exp_avg", "exp_avg_sq"))
+        self.betas, self.eps = betas, eps
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def step_(self, params, grads) -> None:
+        b1, b2 = self.betas
+        self.steps.add_(1)
+        correction1 = 1 - torch.pow(b1, self.steps)
+        correction2_sqrt = (1 - torch.pow(b2, self.steps)).sqrt()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            m, v = self.state("exp_avg", i), self.state("exp_avg_sq", i)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / correction2_sqrt.to(v.dtype)).add_(self.eps)
+            p.sub_(self.lr * (m / correction1.to(m.dtype)) / denom)
+
+
+def average_over_ranks_(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Mean of the gradients over ranks with ONE collective (all tensors flattened together)."""
+    if not comm.is_distributed():
+        return grads
+    flat = comm.all_reduce_mean_(torch.cat([g.reshape(-1) for g in grads]))
+    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+class Stopwatch:
+    """Times a region without a host sync: CUDA events on GPU (read back only when asked),
+    perf_counter on CPU (where the work is synchronous anyway)."""
+
+    def __init__(self):
+        self._events = None
+        self._cpu_ms = float("nan")
+
+    def start(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        else:
+            self._events, self._t0 = None, time.perf_counter()
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._cpu_ms = (time.perf_counter() - self._t0) * 1e3
+
+    def elapsed_ms(self) -> float:
+        if self._events is not None:
+            self._events[1].synchronize()  # only at logging time
+            return self._events[0].elapsed_time(self._events[1])
+        return self._cpu_ms
