@@ -142,7 +142,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     print(f"n={a.n} d={a.dim} N={a.batch} m={a.m} steps={a.steps} T_r={a.tr} T_u={a.tu} tau={a.tau}; "
           f"MSE of log-normalizer estimates vs exact, mean over evaluations (all / second half)")
     for name, config in configs(a.dim):

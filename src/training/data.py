@@ -9,9 +9,10 @@ images float [b, 3, H, W] (preprocess output), texts long [b, ctx] (tokenizer ou
 a stable id per sample (the .json "key" or numeric __key__ in shards, the 0-based row in a CSV), which
 is what per-sample loss state is indexed by. Training batches always hold exactly --batch-size samples.
 
-Damaged samples are skipped, logged and counted inside the DataLoader workers. The counts travel as a
-4th batch element (samples skipped since that worker's previous batch), which `DataInfo.dataloader`
-strips off and adds up into `DataInfo.skipped()`: no shared memory, and it works with --workers 0.
+Damaged data is skipped, logged and counted inside the DataLoader workers (one count per damaged
+sample, or per damaged shard tail). The counts travel as a 4th batch element (skips since that worker's
+previous batch), which `DataInfo.dataloader` strips off and adds up into `DataInfo.skipped()`: no
+shared memory, and it works with --workers 0. Start-up checks and damage handling: `training.data_checks`.
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ class SkipCountingLoader:
 
 @dataclass
 class DataInfo:
+    """One split: its loader (3-tuples), epoch length, epoch reseeding and skip count."""
+
     dataloader: SkipCountingLoader
     shared_epoch: SharedEpoch
     sampler: DistributedSampler | None = None
@@ -111,9 +114,9 @@ class DataInfo:
 
 # ------------------------------------------------------------------------------------- samples
 
-def worker_id_and_count() -> tuple[int, int]:
+def worker_id() -> int:
     info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
+    return info.id if info is not None else 0  # --workers 0: the main process is the only reader
 
 
 def stream_seed(*parts) -> str:
@@ -207,22 +210,23 @@ class EpochResampledShards(IterableDataset):
         self.urls, self.seed, self.shared_epoch, self.rank = urls, seed, shared_epoch, rank
 
     def __iter__(self):
-        rng = random.Random(stream_seed("shards", self.seed, self.shared_epoch.get(), self.rank,
-                                        worker_id_and_count()[0]))
+        rng = random.Random(stream_seed("shards", self.seed, self.shared_epoch.get(), self.rank, worker_id()))
         while True:
             yield {"url": rng.choice(self.urls)}
 
 
 class EpochSeededShuffle(wds.PipelineStage):
-    """wds.shuffle with a buffer seeded per (epoch, rank, worker), so an epoch's order is reproducible."""
+    """wds.shuffle with a buffer seeded per (epoch, rank, worker), so an epoch's order is reproducible.
+    The buffer holds at most one worker-epoch of samples: filling more would only delay the first batch
+    (with resampling, whose stream never ends, it would read samples the epoch never uses)."""
 
-    def __init__(self, seed: int, shared_epoch: SharedEpoch, rank: int):
+    def __init__(self, seed: int, shared_epoch: SharedEpoch, rank: int, samples_per_worker: int):
         self.seed, self.shared_epoch, self.rank = seed, shared_epoch, rank
+        self.bufsize = min(SHUFFLE_BUFFER, samples_per_worker)
 
     def run(self, samples):
-        rng = random.Random(stream_seed("samples", self.seed, self.shared_epoch.get(), self.rank,
-                                        worker_id_and_count()[0]))
-        return wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, rng=rng)(samples)
+        rng = random.Random(stream_seed("samples", self.seed, self.shared_epoch.get(), self.rank, worker_id()))
+        return wds.shuffle(self.bufsize, min(SHUFFLE_INITIAL, self.bufsize), rng=rng)(samples)
 
 
 def epoch_length(num_samples: int, batch_size: int, world_size: int, workers: int) -> tuple[int, int]:
@@ -247,7 +251,8 @@ class WithTrailingSkipCount(IterableDataset):
             yield None, None, None, torch.tensor(self.skip_log.take_pending())
 
 
-def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log):
+def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log,
+                   batches_per_worker: int | None):
     if is_train and args.dataset_resampled:
         stages = [EpochResampledShards(urls, args.seed, shared_epoch, args.rank)]
     else:
@@ -256,7 +261,7 @@ def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, che
                   wds.split_by_worker]
     stages.append(wds.pipelinefilter(tarfile_to_samples)(skip_log=skip_log, keep=SAMPLE_MEMBERS))
     if is_train:
-        stages.append(EpochSeededShuffle(args.seed, shared_epoch, args.rank))
+        stages.append(EpochSeededShuffle(args.seed, shared_epoch, args.rank, batches_per_worker * args.batch_size))
     stages += [
         wds.map(ShardSampleDecoder(transform, tokenizer, check_key), handler=skip_log.handle),
         # training drops the partial last batch of each worker: constant batch shapes for all-gathers
@@ -270,18 +275,20 @@ def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) 
     urls = expand_shard_urls(args.train_data if is_train else args.val_data, flag)
     check_shards_exist(urls, flag)
     if is_train:
-        num_samples = require_train_num_samples(args.train_num_samples)
         if not args.dataset_resampled:
             check_enough_shards(len(urls), args.workers, args.world_size)
-    skip_log = SkipLog("train" if is_train else "val")
-    pipeline = shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log)
-    if is_train:
-        num_batches, num_samples = epoch_length(num_samples, args.batch_size, args.world_size, args.workers)
-        # Repeats (or cuts) each worker's stream to exactly its share, so all ranks take the same steps.
-        pipeline = pipeline.with_epoch(num_batches // max(1, args.workers))
+        num_batches, num_samples = epoch_length(require_train_num_samples(args.train_num_samples),
+                                                args.batch_size, args.world_size, args.workers)
+        batches_per_worker = num_batches // max(1, args.workers)
     else:  # an estimate: validation keeps each worker's partial last batch
         num_samples = args.val_num_samples or None
         num_batches = math.ceil(num_samples / (args.batch_size * args.world_size)) if num_samples else None
+        batches_per_worker = None
+    skip_log = SkipLog("train" if is_train else "val")
+    pipeline = shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log,
+                              batches_per_worker)
+    if is_train:  # repeats (or cuts) each worker's stream to its share: all ranks take the same steps
+        pipeline = pipeline.with_epoch(batches_per_worker)
     loader = DataLoader(WithTrailingSkipCount(pipeline, skip_log), batch_size=None, num_workers=args.workers,
                         persistent_workers=False, pin_memory=torch.cuda.is_available())
     return DataInfo(SkipCountingLoader(loader, num_batches, num_samples, exact=is_train), shared_epoch)
@@ -337,6 +344,7 @@ def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedE
 
 
 def get_csv_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+    """The file's rows make the epoch (--train-num-samples is for shards, whose size is unknown)."""
     path = args.train_data if is_train else args.val_data
     rows = CsvCaptions(path, args.csv_img_key, args.csv_caption_key, args.csv_separator, transform, tokenizer)
     if len(rows):

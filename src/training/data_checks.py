@@ -71,6 +71,7 @@ def describe(exn: BaseException, limit: int = 400) -> str:
     text = f"{type(exn).__name__}: {exn}"
     return text if len(text) <= limit else text[:limit] + " ..."
 
+
 # ------------------------------------------------------------------------------ start-up checks
 
 def expand_shard_urls(pattern: str, flag: str) -> list[str]:
@@ -180,6 +181,7 @@ def shard_sample_key(sample: dict, where: str) -> int:
             return as_key(meta["key"], where)
     return as_key(sample["__key__"], where)
 
+
 # ------------------------------------------------------------------------------- damaged shards
 
 class _EndRecordingTarInfo(tarfile.TarInfo):
@@ -258,6 +260,7 @@ def tarfile_to_samples(shards, skip_log: SkipLog, keep: frozenset[str]):
     and counted."""
     streams = url_opener(shards, handler=skip_log.handle)
     return group_by_keys(read_tar_members(streams, skip_log), skip_log.handle, keep)
+
 
 # --------------------------------------------------------- damaged items of map-style data sets
 

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data_dir", default=None, help="root of local evaluation data sets (imagenet/val)")
     add("--tasks", default=None, help=f"comma-separated, from {','.join(TASKS)}")
     add("--imagenet_val", default=None, help="ImageFolder for zero-shot classification")
+    add("--templates", default="openai", choices=["openai", "simple"],
+        help="ImageFolder prompts: open_clip's 80 OpenAI ImageNet templates, or its 7-template subset")
     add("--batch_size", type=int, default=256)
     add("--workers", type=int, default=4, help="data loader workers for ImageFolder sets")
     add("--device", default=None, help="default: cuda if available, else cpu")
@@ -116,6 +118,14 @@ def resolve_imagenet(args) -> str | None:
     return None
 
 
+def dataset_name(key: str) -> str:
+    if key in DATASET_NAMES:
+        return DATASET_NAMES[key]
+    if key.startswith("builtin/"):
+        return f"built-in synthetic shapes: {key.removeprefix('builtin/')} (zero-shot)"
+    return key
+
+
 def group_lines(metrics: dict[str, float]) -> list[dict]:
     """Flat "{key}/{metric}" results -> one DataComp-style line per key, with its main_metric."""
     groups: dict[str, dict] = {}
@@ -126,10 +136,11 @@ def group_lines(metrics: dict[str, float]) -> list[dict]:
     for key, values in groups.items():
         if "top1" in values or "mean_top1" in values:
             main = values.get("top1", values.get("mean_top1"))
-        else:  # retrieval: DataComp's mean of the two recall@1
+        elif "image_to_text_R@1" in values:  # retrieval: DataComp's mean of the two recall@1
             main = (values["image_to_text_R@1"] + values["text_to_image_R@1"]) / 2
-        dataset = DATASET_NAMES.get(key) or f"built-in synthetic shapes: {key.split('/', 1)[1]}"
-        lines.append({"key": key, "dataset": dataset, "metrics": {**values, "main_metric": main}})
+        else:
+            main = next(iter(values.values()))
+        lines.append({"key": key, "dataset": dataset_name(key), "metrics": {**values, "main_metric": main}})
     return lines
 
 
@@ -176,6 +187,7 @@ def main(argv=None) -> dict[str, float]:
     if imagenet:
         from torchvision.datasets import ImageFolder
         total += len(ImageFolder(imagenet).samples)
+    templates = open_clip.SIMPLE_IMAGENET_TEMPLATES if args.templates == "simple" else None
     metrics: dict[str, float] = {}
     with torch.no_grad(), tqdm(total=total, unit="img", desc=f"{arch} {name}", file=sys.stderr) as bar:
         if "builtin" in tasks:
@@ -183,7 +195,7 @@ def main(argv=None) -> dict[str, float]:
             metrics |= evaluate_builtin_retrieval(model, tokenizer, preprocess, settings, seed, bar.update)
         if imagenet:
             metrics |= {f"imagenet/{k}": v for k, v in
-                        evaluate_imagefolder(model, tokenizer, preprocess, imagenet, settings,
+                        evaluate_imagefolder(model, tokenizer, preprocess, imagenet, settings, templates,
                                              progress=bar.update).items()}
 
     lines = group_lines(metrics)

@@ -50,8 +50,9 @@ Progress = Callable[[int], object] | None  # called with the number of images ju
 # ------------------------------------------------------------------------------------- metrics
 
 def wrong_at_least_as_high(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Per row: how many wrong columns score at least as high as the row's best right column."""
-    scores = scores.float()
+    """Per row: how many wrong columns score at least as high as the row's best right column.
+    NaN scores the lowest, so a diverged model scores nothing rather than everything."""
+    scores = scores.float().nan_to_num(nan=float("-inf"))
     best = scores.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)
     return ((scores >= best) & ~positives).sum(dim=1)
 
@@ -370,7 +371,8 @@ def evaluate(model, data: dict, epoch: int, args, tokenizer, preprocess_val, tb=
         if val_due:
             metrics |= evaluate_builtin_retrieval(model, tokenizer, preprocess_val, settings, seed)
         if val is not None and val[0].shape[0] > 0:
-            metrics |= {f"val/{k}": v for k, v in pair_metrics(*val, _logit_scale(model)).items()}
+            image_emb, text_emb, tokens, _ = val
+            metrics |= {f"val/{k}": v for k, v in pair_metrics(image_emb, text_emb, tokens, _logit_scale(model)).items()}
         elif val is not None:
             log.warning("Eval Epoch: %d: the validation set yielded no samples", epoch)
     log.info("Eval Epoch: %d (%.1f s%s) %s", epoch, time.perf_counter() - start,

@@ -28,7 +28,7 @@ class TrainState:
     step: int = 0
     skipped_nonfinite: int = 0
     consecutive_nonfinite: int = 0
-    last_terms: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # (step, logged terms) at each logging step
 
 
 class Meter:
@@ -142,7 +142,7 @@ def _average_method_grads(method) -> None:
 def _log_step(state, epoch, batch_in_epoch, steps_this_epoch, terms, lrs, raw_model, method, data,
               batch_time, data_time, global_batch, tb) -> None:
     values = {name: float(v) for name, v in terms.items()}
-    state.last_terms = values
+    state.history.append((state.step, values))
     logit_scale = raw_model.logit_scale.exp().item()
     extra = {name: float(v) for name, v in method.scalars().items()}
     samples_per_s = global_batch / max(batch_time.avg, 1e-9)

@@ -97,11 +97,13 @@ def main(argv=None) -> dict:
         precision="bf16" if args.precision == "bf16" else "fp32")
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
+    if args.no_train_augmentation:
+        preprocess_train = preprocess_val
     tokenizer = open_clip.get_tokenizer(args.model)
     method = build_method(args.method, args, model).to(info.device)
     seed_everything(args.seed + args.rank)
 
-    data = get_data(args, (preprocess_train, preprocess_val), tokenizer, epoch=0)
+    data = get_data(args, preprocess_train, preprocess_val, tokenizer, epoch=0)
     steps_per_epoch = data["train"].num_batches
     numbers = schedule_numbers(args, steps_per_epoch)
     log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
             results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir) or results
     tb.close()
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
-    summary = {"run_dir": run_dir, "step": state.step, "last_terms": state.last_terms,
+    summary = {"run_dir": run_dir, "step": state.step, "history": state.history,
                "skipped_nonfinite": state.skipped_nonfinite, "results": results}
     shutdown()
     return summary

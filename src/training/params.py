@@ -14,7 +14,10 @@ ESTIMATORS = ("moving_average", "minibatch", "npn", "amorlip")
 
 def _both(name: str) -> list[str]:
     """The reference's underscore spelling first, plus the dashed one."""
-    return [name] if "_" not in name else [name, name.replace("_", "-")]
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    return spellings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="size of the built-in synthetic data set (--dataset-type synthetic)")
     data.add_argument("--synthetic-seed", type=int, default=0)
     data.add_argument("--imagenet-val", default=None, help="ImageFolder for zero-shot evaluation")
+    data.add_argument("--no-train-augmentation", action="store_true",
+                      help="train on the evaluation transform (no random crop): deterministic inputs")
     data.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
 
     opt = p.add_argument_group("optimisation")
