@@ -262,9 +262,9 @@ def test_standalone_evaluator_matches_in_process(in_process, tiny, tmp_path, sma
             if m != "main_metric"} == by_default
     assert {line["key"] for line in lines} == {"builtin", "builtin/retrieval", "imagenet"} | {
         f"builtin/{t}" for t in TASKS}
+    latest = os.path.abspath(os.path.join(run_dir, "checkpoints", "epoch_latest.pt"))
     with open(os.path.join(run_dir, "info.pkl"), "rb") as f:
-        assert pickle.load(f) == {"scale_config": {"model": ARCH},
-                                  "checkpoint": os.path.abspath(os.path.join(run_dir, "checkpoints", "epoch_latest.pt"))}
+        assert pickle.load(f) == {"scale_config": {"model": ARCH}, "checkpoint": latest}
 
     os.remove(os.path.join(run_dir, "eval_results", "epoch_1_eval_results.jsonl"))
     by_epoch = evaluate_main(["--train_output_dir", run_dir, "--epoch", "1", "--batch-size", str(BATCH)])
@@ -332,10 +332,31 @@ def test_imagefolder_zero_shot(tiny, tmp_path):
 
 # ------------------------------------------------------------------------ sharded validation
 
+class FakeCLIP(torch.nn.Module):
+    """Embeds an image as its first pixels and a text as its first tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Linear(1, 1)
+
+    def encode_image(self, images, normalize=False):
+        return images.flatten(1)[:, :2]
+
+    def encode_text(self, tokens, normalize=False):
+        return tokens[:, :2].float()
+
+
 def _gather_worker(rank, world_size, port):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
+        # rank 0 holds keys 2, 0 and a padding repeat of 2; rank 1 has no batch at all
+        batches = [(torch.tensor([[2.0, 2.0], [0.0, 0.0], [2.0, 2.0]]), torch.tensor([[12, 12], [10, 10], [12, 12]]),
+                    torch.tensor([2, 0, 2]))] if rank == 0 else []
+        settings = EvalSettings(torch.device("cpu"))
+        image_emb, text_emb, tokens, keys = evaluation.gather_pairs(FakeCLIP(), batches, settings)
+        assert keys.tolist() == [0, 2] and image_emb.tolist() == [[0, 0], [2, 2]]
+        assert tokens.tolist() == [[10, 10], [12, 12]] and text_emb.tolist() == [[10, 10], [12, 12]]
         mine = torch.arange(6.0).view(3, 2) if rank == 0 else torch.empty(0, 0)  # rank 1 has no batch
         assert evaluation._gather_rows(mine).tolist() == [[0, 1], [2, 3], [4, 5]]
         keys = torch.tensor([4, 0, 2]) if rank == 0 else torch.tensor([1, 3, 4])  # 4: padding repeat

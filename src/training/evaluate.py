@@ -22,6 +22,7 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import re
 import sys
 
@@ -39,6 +40,7 @@ from .evaluation import (  # noqa: F401  (write_info_pkl: exported here too, for
 TASKS = ("builtin", "imagenet")
 DATASET_NAMES = {"builtin": "built-in synthetic shapes (mean of the classification tasks)",
                  "builtin/retrieval": "built-in synthetic shapes: image-text retrieval",
+                 "builtin/relation": "built-in synthetic shapes: relation (each image's own 4 captions)",
                  "imagenet": "ImageFolder zero-shot (--imagenet_val)"}
 
 
@@ -102,7 +104,7 @@ def result_name(checkpoint: str, iteration: int | None) -> str:
         return f"iter_{iteration}"
     try:  # mmap: reads the one key, not the optimizer state
         epoch = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("epoch")
-    except (RuntimeError, AttributeError):
+    except (RuntimeError, AttributeError, pickle.UnpicklingError):
         epoch = None
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     return f"epoch_{epoch}" if isinstance(epoch, int) else stem

@@ -49,6 +49,10 @@ Progress = Callable[[int], object] | None  # called with the number of images ju
 
 # ------------------------------------------------------------------------------------- metrics
 
+def _fraction(hits: torch.Tensor) -> float:
+    return hits.sum().item() / hits.numel() if hits.numel() else float("nan")
+
+
 def wrong_at_least_as_high(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Per row: how many wrong columns score at least as high as the row's best right column.
     NaN scores the lowest, so a diverged model scores nothing rather than everything."""
@@ -61,7 +65,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     """{k: fraction of rows whose label is among the k best columns} (ties count against)."""
     positives = F.one_hot(labels.long().to(scores.device), scores.shape[1]).bool()
     ahead = wrong_at_least_as_high(scores, positives)
-    return {k: (ahead < k).float().mean().item() for k in ks}
+    return {k: _fraction(ahead < k) for k in ks}
 
 
 def class_embeddings(template_embeddings: torch.Tensor) -> torch.Tensor:
@@ -91,15 +95,14 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: to
     n = image_emb.shape[0]
     if text_emb.shape[0] != n:
         raise ValueError(f"{n} images but {text_emb.shape[0]} texts: retrieval needs one text per image")
-    groups = torch.arange(n) if groups is None else groups
-    groups = groups.to(image_emb.device)
+    groups = (torch.arange(n) if groups is None else groups).to(image_emb.device)
     images, texts = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     out = {}
     for direction, queries, keys in (("image_to_text", images, texts), ("text_to_image", texts, images)):
         ahead = torch.cat([wrong_at_least_as_high(queries[s:s + chunk] @ keys.T,
                                                   groups[s:s + chunk, None] == groups[None, :])
                            for s in range(0, n, chunk)])
-        out |= {f"{direction}_R@{k}": (ahead < k).float().mean().item() for k in ks}
+        out |= {f"{direction}_R@{k}": _fraction(ahead < k) for k in ks}
     return out
 
 
@@ -314,18 +317,16 @@ def unique_by_key(keys: torch.Tensor) -> torch.Tensor:
 def gather_pairs(model, batches: Iterable, settings: EvalSettings) -> tuple[torch.Tensor, ...]:
     """Collective: every rank encodes its shard of (images, texts, keys) batches; every rank gets
     (image_emb, text_emb, tokens, keys) of all ranks, one row per key, sorted by key."""
-    image_emb, text_emb, tokens, keys = [], [], [], []
-    for images, texts, batch_keys in batches:
-        image_emb.append(encode_images(model, [images], settings))
-        text_emb.append(encode_texts(model, texts, settings))
-        tokens.append(texts.to(settings.device))
-        keys.append(batch_keys.to(settings.device))
-    def cat(rows: list, empty_shape: tuple, dtype: torch.dtype) -> torch.Tensor:  # a rank may have no batch
-        return torch.cat(rows) if rows else torch.empty(empty_shape, dtype=dtype, device=settings.device)
-
-    parts = (cat(image_emb, (0, 0), torch.float32), cat(text_emb, (0, 0), torch.float32),
-             cat(tokens, (0, 0), torch.long), cat(keys, (0,), torch.long))
-    gathered = [_gather_rows(part) for part in parts]
+    columns = ([], [], [], [])  # image_emb, text_emb, tokens, keys
+    for images, texts, keys in batches:
+        row = (encode_images(model, [images], settings), encode_texts(model, texts, settings),
+               texts.to(settings.device), keys.to(settings.device))
+        for column, value in zip(columns, row):
+            column.append(value)
+    # a rank may have had no batch: it sends empty tensors of the right dtype and number of dimensions
+    empty = [torch.empty(shape, dtype=dtype, device=settings.device) for shape, dtype in
+             (((0, 0), torch.float32), ((0, 0), torch.float32), ((0, 0), torch.long), ((0,), torch.long))]
+    gathered = [_gather_rows(torch.cat(column) if column else e) for column, e in zip(columns, empty)]
     keep = unique_by_key(gathered[3])
     return tuple(part[keep] for part in gathered)
 
@@ -370,11 +371,10 @@ def evaluate(model, data: dict, epoch: int, args, tokenizer, preprocess_val, tb=
                             evaluate_imagefolder(model, tokenizer, preprocess_val, args.imagenet_val, settings).items()}
         if val_due:
             metrics |= evaluate_builtin_retrieval(model, tokenizer, preprocess_val, settings, seed)
-        if val is not None and val[0].shape[0] > 0:
-            image_emb, text_emb, tokens, _ = val
-            metrics |= {f"val/{k}": v for k, v in pair_metrics(image_emb, text_emb, tokens, _logit_scale(model)).items()}
-        elif val is not None:
+        if val is not None and val[0].shape[0] == 0:
             log.warning("Eval Epoch: %d: the validation set yielded no samples", epoch)
+        elif val is not None:
+            metrics |= {f"val/{k}": v for k, v in pair_metrics(*val[:3], _logit_scale(model)).items()}
     log.info("Eval Epoch: %d (%.1f s%s) %s", epoch, time.perf_counter() - start,
              f", {val[0].shape[0]} val samples" if val is not None else "",
              "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))

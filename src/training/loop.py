@@ -81,9 +81,11 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
         end = time.perf_counter()
         state.step += 1
         last = i + 1 == steps_this_epoch
-        if args.is_master and (state.step % args.log_every_n_steps == 0 or last):
-            _log_step(state, epoch, i + 1, steps_this_epoch, out.terms, lrs, raw_model, method, data,
-                      batch_time, data_time, global_batch, tb)
+        if state.step % args.log_every_n_steps == 0 or last:
+            terms = _mean_over_ranks(out.terms)  # collective: every rank takes part
+            if args.is_master:
+                _log_step(state, epoch, i + 1, steps_this_epoch, terms, lrs, raw_model, method, data,
+                          batch_time, data_time, global_batch, tb)
             batch_time, data_time = Meter(), Meter()
 
 
@@ -123,6 +125,17 @@ def _step_optimizer(model, method, optimizer, scaler, args, state: TrainState) -
     else:
         optimizer.step()
     return True
+
+
+def _mean_over_ranks(terms: dict) -> dict:
+    """Logged values are global-batch values: a method's local terms (ClipLoss with --local-loss)
+    are averaged over ranks in one collective."""
+    if not terms:
+        return {}
+    names = sorted(terms)
+    values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
+    comm.all_reduce_mean_(values)
+    return dict(zip(names, values.tolist()))
 
 
 def _average_method_grads(method) -> None:

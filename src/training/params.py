@@ -133,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["unified", "regression"])
     npn.add_argument(*_both("npn_update"), dest="npn_update", default="alternating",
                      choices=["alternating", "simultaneous"])
+    npn.add_argument(*_both("npn_init_scale"), dest="npn_init_scale", type=float, default=10.0,
+                     help="RMS coordinate of a restarted prototype (norm = scale·√d). α only sees directions; "
+                          "AdaGrad's first step (±lr per coordinate) turns a prototype by about lr/scale "
+                          "radians, so this sets what --npn_lr means (scripts/npn_lr_study.py)")
+    npn.add_argument(*_both("npn_adagrad_reset"), dest="npn_adagrad_reset", default="restart",
+                     choices=["restart", "never"], help="zero AdaGrad's accumulators at every restart, or never")
+    npn.add_argument(*_both("npn_fill"), dest="npn_fill", default="ring", choices=["ring", "resample"],
+                     help="restart with m > global batch: after the batch, take the most recent earlier "
+                          "batches' embeddings (ring), or resample the batch with small noise")
+    npn.add_argument(*_both("npn_mlp_lr"), dest="npn_mlp_lr", type=float, default=1e-2,
+                     help="AdaGrad lr of the --npn_arch mlp ablation (--npn_lr is the prototypes')")
+    npn.add_argument(*_both("amorlip_lr"), dest="amorlip_lr", type=float, default=1e-3,
+                     help="AmorLIP: Adam lr of the normalizer MLPs (--npn_repetition steps per encoder step)")
+    npn.add_argument(*_both("amorlip_ema"), dest="amorlip_ema", type=float, default=0.92,
+                     help="AmorLIP: EMA β of the network whose predictions weight the encoder's negatives")
+    npn.add_argument(*_both("amorlip_target_mix"), dest="amorlip_target_mix", type=float, default=0.0,
+                     help="AmorLIP: final weight of the previous epoch's network in the regression target "
+                          "(0: off; AmorLIP's --fit_w_prev used 0.8)")
+    npn.add_argument(*_both("amorlip_mix_epochs"), dest="amorlip_mix_epochs", type=int, default=15,
+                     help="AmorLIP: epochs over which the target mix weight rises on a cosine")
     return p
 
 
