@@ -33,6 +33,7 @@ from contrastive import build_method
 from .checkpoint import CheckpointManager
 from .data import get_data
 from .distributed import init_distributed, shutdown, wrap_ddp
+from .evaluation import evaluate, write_info_pkl
 from .logger import TensorBoard, setup_logging
 from .loop import TrainState, train_one_epoch
 from .optim import build_optimizer
@@ -134,7 +135,6 @@ def main(argv=None) -> dict:
     tb = TensorBoard(os.path.join(run_dir, "tensorboard")
                      if args.is_master and "tensorboard" in (args.report_to or "") else None)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
-    evaluate = _evaluator()
     results = {}
     for epoch in range(start_epoch, last_epoch):
         data["train"].set_epoch(epoch)
@@ -143,25 +143,17 @@ def main(argv=None) -> dict:
                         scaler=scaler, scheduler=scheduler, state=state, epoch=epoch, args=args,
                         device=info.device, tb=tb)
         completed = epoch + 1
-        checkpoints.save(completed, step=state.step, model=model, optimizer=optimizer, scaler=scaler,
-                         method=method, data_position={"epoch": completed, "batch": 0})
-        if evaluate is not None:
-            results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir) or results
+        written = checkpoints.save(completed, step=state.step, model=model, optimizer=optimizer, scaler=scaler,
+                                   method=method, data_position={"epoch": completed, "batch": 0})
+        if written:  # upstream DataComp finds the checkpoint through info.pkl
+            write_info_pkl(run_dir, args.model, written[-1])
+        results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir) or results
     tb.close()
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
     summary = {"run_dir": run_dir, "step": state.step, "history": state.history,
                "skipped_nonfinite": state.skipped_nonfinite, "results": results}
     shutdown()
     return summary
-
-
-def _evaluator():
-    """Evaluation during training, when the evaluation module is present."""
-    try:
-        from .evaluation import evaluate
-    except ImportError:
-        return None
-    return evaluate
 
 
 if __name__ == "__main__":
