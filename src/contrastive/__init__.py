@@ -6,3 +6,4 @@ from .base import ContrastiveMethod, LossOutput, build_method, method_names, reg
 from .features import Features  # noqa: F401
 from . import openclip  # noqa: F401  (registers openclip, siglip)
 from . import gcl, estimators  # noqa: F401
+from . import neuclip, amorlip  # noqa: F401

@@ -74,14 +74,15 @@ class AmorLIPEstimator(NormalizerEstimator):
     def scalars(self) -> dict:
         return {"npn_time_ms": self._stopwatch.elapsed_ms(), "amorlip_target_mix": self._mix_weight()}
 
-    def get_extra_state(self) -> dict:
-        return {"initialized": self._initialized, "has_prev": self._has_prev, "epoch": self._epoch,
-                "pending_epoch": -1 if self._pending_epoch is None else self._pending_epoch}
+    # Python-side bookkeeping rides along in state_dict() as one CPU int64 tensor (-1: no pending epoch).
+    def get_extra_state(self) -> torch.Tensor:
+        pending = -1 if self._pending_epoch is None else self._pending_epoch
+        return torch.tensor([self._initialized, self._has_prev, self._epoch, pending])
 
-    def set_extra_state(self, state: dict) -> None:
-        self._initialized, self._has_prev = bool(state["initialized"]), bool(state["has_prev"])
-        self._epoch = int(state["epoch"])
-        self._pending_epoch = None if state["pending_epoch"] < 0 else int(state["pending_epoch"])
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        initialized, has_prev, self._epoch, pending = state.tolist()
+        self._initialized, self._has_prev = bool(initialized), bool(has_prev)
+        self._pending_epoch = None if pending < 0 else pending
 
     # ---------------------------------------------------------------------------------- the steps
 
@@ -138,7 +139,7 @@ class AmorLIPEstimator(NormalizerEstimator):
         self._initialized, self._epoch, self._pending_epoch = True, epoch, None
 
     def _inputs(self, feats: Features):
-        dtype = self.adam.exp_avg_0.dtype
+        dtype = self.online_img.head.weight.dtype
         return feats.all_image.to(dtype), feats.all_text.to(dtype)
 
     def _online_params(self) -> list[torch.Tensor]:

@@ -45,6 +45,34 @@ class Features:
     def global_batch_size(self) -> int:
         return self.image.shape[0] * comm.world_size()
 
+    @classmethod
+    def precomputed(cls, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                    keys: torch.Tensor, step: int = 0, epoch: int = 0) -> "Features":
+        """A world-size-1 view of tensors that already hold a whole (global) batch.
+
+        The gathered views are the given tensors (detached; fp32 as ever) and `local` covers every row,
+        so nothing built on it ever enters a collective, whatever process group exists: any subset of
+        ranks, or rank 0 alone, may use it (the estimation-error diagnostic does).
+        """
+        feats = _Precomputed(image=image, text=text, logit_scale=logit_scale, keys=keys, step=step,
+                             epoch=epoch)
+        # cached_property reads the instance dict first: pre-filling it replaces the all-gathers.
+        feats.__dict__.update(all_image=fp32(image.detach()), all_text=fp32(text.detach()),
+                              all_keys=keys.detach())
+        return feats
+
+
+class _Precomputed(Features):
+    """`Features.precomputed`: every row is local, the batch is the whole batch."""
+
+    @property
+    def local(self) -> slice:
+        return slice(0, self.all_image.shape[0])
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.image.shape[0]
+
 
 def fp32(t: torch.Tensor) -> torch.Tensor:
     """Loss maths runs in fp32 whatever autocast gave the encoders (float64 is kept, for tests)."""

@@ -9,7 +9,8 @@ Per encoder step t, with the encoders' embeddings of the gathered batch B fixed:
 Distributed: every rank holds the same NPN. Each rank differentiates the objective over its own anchors
 (rows `feats.local` of the gathered batch), ONE all-reduce per NPN step averages the flattened gradient
 of both NPNs, and every rank applies the same AdaGrad update: weights and accumulators stay
-bit-identical. Restarts read only gathered (identical) features and a generator seeded by (seed, step).
+bit-identical. Restarts read only gathered (identical) features, in sample-key order, and a generator
+seeded by (seed, step).
 
 Parameterisation (the "AdaGrad first step" decision, see scripts/npn_lr_study.py): AdaGrad's first step
 after its state is reset is ±lr on every coordinate, whatever the gradient's size. A prototype's norm
@@ -55,7 +56,7 @@ class NeuCLIPEstimator(NormalizerEstimator):
     def __init__(self, embed_dim: int, *, num_protos: int = 4096, lr: float = 1.0, repetition: int = 10,
                  restart_every: int = 500, arch: str = "prototype", objective: str = "unified",
                  update: str = "alternating", fill: str = "ring", adagrad_reset: str = "restart",
-                 init_scale: float = 1.0, mlp_lr: float = 1e-2, seed: int = 0):
+                 init_scale: float = 10.0, mlp_lr: float = 1e-3, seed: int = 0):
         super().__init__()
         if arch == "prototype":
             self.npn_img, self.npn_txt = PrototypeNPN(num_protos, embed_dim), PrototypeNPN(num_protos, embed_dim)
@@ -87,18 +88,16 @@ class NeuCLIPEstimator(NormalizerEstimator):
         return {"npn_restart": float(restarted), "npn_objective_first": first, "npn_objective_last": last}
 
     def estimate(self, feats: Features, stats: BatchStats) -> Estimate:
-        if self.update == "simultaneous":
-            # Algorithm 3: one backward trains the NPN with the encoders. The loss is over ALL gathered
-            # anchors, so every rank computes the same NPN gradient (the NPN is outside DDP) with
-            # features and λ detached: only the NPN learns from it.
-            with torch.enable_grad():
-                img, txt = self._sides(feats, stats)
-                a_img, a_txt = self._alphas(img, txt)
-                extra = self.npn_objective(a_img, img.log_norm, img.scale) \
-                    + self.npn_objective(a_txt, txt.log_norm, txt.scale)
-            return Estimate(a_img.detach(), a_txt.detach(), extra_loss=extra)
         a_img, a_txt = self.predict(feats, stats)
-        return Estimate(a_img, a_txt)
+        if self.update != "simultaneous":
+            return Estimate(a_img, a_txt)
+        # Algorithm 3: one backward trains the NPN with the encoders. Like the inner loop, the loss covers
+        # this rank's anchors (features and λ detached: only the NPN learns from it); the training loop
+        # averages the gradients of `trainable_parameter_groups()` over ranks, as DDP does the encoders'.
+        with torch.enable_grad():
+            img, txt = self._sides(feats, stats, rows=feats.local)
+            extra = self._objective(*self._alphas(img, txt), img, txt)
+        return Estimate(a_img, a_txt, extra_loss=extra)
 
     @torch.no_grad()
     def predict(self, feats: Features, stats: BatchStats):
@@ -114,14 +113,14 @@ class NeuCLIPEstimator(NormalizerEstimator):
     def scalars(self) -> dict:
         return {} if self.update == "simultaneous" else {"npn_time_ms": self._stopwatch.elapsed_ms()}
 
-    # Python-side state (restart bookkeeping, ring position) rides along in state_dict().
-    def get_extra_state(self) -> dict:
-        return {"initialized": self._initialized, "last_restart": self._last_restart,
-                "ring_next": self._ring_next, "ring_count": self._ring_count}
+    # The Python-side counters (restart bookkeeping, ring position) ride along in state_dict() as one
+    # CPU int64 tensor, built only when a checkpoint is taken: no per-step device traffic.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self._initialized, self._last_restart, self._ring_next, self._ring_count])
 
-    def set_extra_state(self, state: dict) -> None:
-        self._initialized, self._last_restart = bool(state["initialized"]), int(state["last_restart"])
-        self._ring_next, self._ring_count = int(state["ring_next"]), int(state["ring_count"])
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        initialized, self._last_restart, self._ring_next, self._ring_count = state.tolist()
+        self._initialized = bool(initialized)
 
     # ------------------------------------------------------------------------------ the NPN step
 
@@ -132,13 +131,15 @@ class NeuCLIPEstimator(NormalizerEstimator):
         params, values = self._params(), []
         for _ in range(self.repetition):
             with torch.enable_grad():
-                a_img, a_txt = self._alphas(img, txt)
-                loss = self.npn_objective(a_img, img.log_norm, img.scale) \
-                    + self.npn_objective(a_txt, txt.log_norm, txt.scale)
+                loss = self._objective(*self._alphas(img, txt), img, txt)
                 grads = torch.autograd.grad(loss, params)
             self.optimizer.step_(params, average_over_ranks_(list(grads)))
             values.append(loss.detach())
         return values[0], values[-1]
+
+    def _objective(self, a_img, a_txt, img: Side, txt: Side) -> torch.Tensor:
+        return (self.npn_objective(a_img, img.log_norm, img.scale)
+                + self.npn_objective(a_txt, txt.log_norm, txt.scale))
 
     def _alphas(self, img: Side, txt: Side):
         return (self.npn_img(img.anchors, img.positive_sim, img.scale, img.eps),
@@ -181,7 +182,8 @@ class NeuCLIPEstimator(NormalizerEstimator):
 
     def _restart_prototypes(self, feats: Features, generator: torch.Generator) -> None:
         """W_img-side := text embeddings, W_txt-side := the matching image embeddings (paired rows)."""
-        txt_rows, img_rows = self._prototype_rows(feats.all_text, feats.all_image, generator)
+        images, texts = _in_key_order(feats)
+        txt_rows, img_rows = self._prototype_rows(texts, images, generator)
         norm = self.init_scale * math.sqrt(self.dim)
         self.npn_img.reset_(txt_rows, norm)
         self.npn_txt.reset_(img_rows, norm)
@@ -218,12 +220,19 @@ class NeuCLIPEstimator(NormalizerEstimator):
         capacity, n = self.ring_img.shape[0], feats.all_image.shape[0]
         if capacity == 0 or n >= self.num_protos:
             return
-        rows = min(n, capacity)
-        where = (self._ring_next + torch.arange(rows, device=self.ring_img.device)) % capacity
-        self.ring_img[where] = feats.all_image[-rows:].to(self.ring_img.dtype)
-        self.ring_txt[where] = feats.all_text[-rows:].to(self.ring_txt.dtype)
-        self._ring_next = (self._ring_next + rows) % capacity
-        self._ring_count = min(capacity, self._ring_count + rows)
+        images, texts = _in_key_order(feats)
+        where = (self._ring_next + torch.arange(n, device=self.ring_img.device)) % capacity
+        self.ring_img[where] = images.to(self.ring_img.dtype)
+        self.ring_txt[where] = texts.to(self.ring_txt.dtype)
+        self._ring_next = (self._ring_next + n) % capacity
+        self._ring_count = min(capacity, self._ring_count + n)
+
+
+def _in_key_order(feats: Features):
+    """The gathered batch sorted by sample key. Restarts and the ring then depend on which samples form
+    the global batch, not on how they were dealt to ranks: 1 and W processes build the same NPN."""
+    order = torch.argsort(feats.all_keys, stable=True)
+    return feats.all_image[order], feats.all_text[order]
 
 
 def _jitter(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -238,5 +247,5 @@ def build_neuclip(args, embed_dim: int) -> NeuCLIPEstimator:
         restart_every=args.npn_restart_iter, arch=args.npn_arch, objective=args.npn_objective,
         update=args.npn_update, fill=getattr(args, "npn_fill", "ring"),
         adagrad_reset=getattr(args, "npn_adagrad_reset", "restart"),
-        init_scale=getattr(args, "npn_init_scale", 1.0), mlp_lr=getattr(args, "npn_mlp_lr", 1e-2),
+        init_scale=getattr(args, "npn_init_scale", 10.0), mlp_lr=getattr(args, "npn_mlp_lr", 1e-3),
         seed=getattr(args, "seed", 0))

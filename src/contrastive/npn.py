@@ -124,7 +124,8 @@ def unified_objective(alpha, log_norm, scale):
     formed as exp(log_norm − α) so neither factor overflows.
     """
     terms = torch.exp(log_norm - alpha) + alpha
-    return (terms / scale).mean() if scale.dim() == 0 else (terms / scale.reshape(-1)).mean()
+    tau = 1.0 / (scale.reshape(-1) if scale.dim() else scale)  # per anchor ([n] or [n, 1]) or global
+    return (tau * terms).mean()
 
 
 def regression_objective(alpha, log_norm, scale=None):

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument(*_both("stop_epochs"), dest="stop_epochs", type=int, default=-1,
                      help="stop after this epoch (chained jobs)")
+    run.add_argument("--est-err-every", type=int, default=0,
+                     help="measure the normalizer estimation error every N steps and at each epoch's end "
+                          "(training.diagnostics; TensorBoard diag/, results.jsonl); 0: off")
+    run.add_argument("--est-err-samples", type=int, default=2048,
+                     help="size of the estimation error's reference set: the first R training samples by key")
 
     loss = p.add_argument_group("loss family")
     loss.add_argument("--siglip", action="store_true", help="SigLIP's sigmoid loss")
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     npn.add_argument(*_both("npn_fill"), dest="npn_fill", default="ring", choices=["ring", "resample"],
                      help="restart with m > global batch: after the batch, take the most recent earlier "
                           "batches' embeddings (ring), or resample the batch with small noise")
-    npn.add_argument(*_both("npn_mlp_lr"), dest="npn_mlp_lr", type=float, default=1e-2,
+    npn.add_argument(*_both("npn_mlp_lr"), dest="npn_mlp_lr", type=float, default=1e-3,
                      help="AdaGrad lr of the --npn_arch mlp ablation (--npn_lr is the prototypes')")
     npn.add_argument(*_both("amorlip_lr"), dest="amorlip_lr", type=float, default=1e-3,
                      help="AmorLIP: Adam lr of the normalizer MLPs (--npn_repetition steps per encoder step)")
