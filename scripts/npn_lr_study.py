@@ -113,7 +113,7 @@ def evaluate(est, data, ref, a, scale, eps):
     return 0.5 * ((pred_img - exact_img).square().mean() + (pred_txt - exact_txt).square().mean()).item()
 
 
-def configs(dim):
+def configs(dim, scales=(3, 10, 30, 100)):
     unit = 1 / math.sqrt(dim)  # RMS coordinate of a unit-norm prototype
     rows = [("mini-batch estimate (no NPN)", {"kind": "minibatch"}),
             ("restart init only (lr 0)", {"kind": "npn", "lr": 0.0}),
@@ -121,7 +121,7 @@ def configs(dim):
             ("unit-norm protos, lr 1, AdaGrad never reset", {"kind": "npn", "scale": unit, "reset": "never"})]
     rows += [(f"unit-norm protos, lr {lr:g}", {"kind": "npn", "scale": unit, "lr": lr}) for lr in (0.1, 0.01)]
     rows += [(f"init_scale {s:g} (norm {s * math.sqrt(dim):.0f}), lr 1", {"kind": "npn", "scale": s})
-             for s in (3, 10, 30, 100)]
+             for s in scales]
     rows += [(f"init_scale {s:g}, lr 1, AdaGrad never reset", {"kind": "npn", "scale": s, "reset": "never"})
              for s in (10, 30)]
     rows += [(f"MLP NPN, AdaGrad lr {lr:g}", {"kind": "npn", "arch": "mlp", "lr": lr}) for lr in (1e-2, 1e-3)]
@@ -146,12 +146,14 @@ def main():
     p.add_argument("--angle", type=float, default=0.3, help="radians the embedding space turns over the run")
     p.add_argument("--spread", type=float, default=0.5, help="per-sample noise around the cluster centres")
     p.add_argument("--only", default=None, help="comma-separated row numbers to run")
+    p.add_argument("--scales", default="3,10,30,100", help="init scales to try at lr 1")
     a = p.parse_args()
     torch.set_num_threads(1)
     print(f"n={a.n} d={a.dim} N={a.batch} m={a.m} steps={a.steps} T_r={a.tr} T_u={a.tu} tau={a.tau}; "
           f"seeds={a.seeds}\nMSE of log-normalizer estimates vs exact, mean over evaluations (all / second half)")
     only = None if a.only is None else {int(i) for i in a.only.split(",")}
-    for row, (name, config) in enumerate(configs(a.dim)):
+    scales = [float(s) for s in a.scales.split(",")]
+    for row, (name, config) in enumerate(configs(a.dim, scales)):
         if only is not None and row not in only:
             continue
         t0 = time.perf_counter()

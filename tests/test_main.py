@@ -77,11 +77,15 @@ def test_resume_continues_exactly(tmp_path, shards, method_flags):
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-7)
 
 
-def test_existing_run_folder_needs_resume(tmp_path, shards):
+def test_existing_run_folder_resumes_unless_refused(tmp_path, shards):
+    """open_clip refuses an existing run folder; here the same command resumes it (a finished run has
+    nothing left to do), and --no-auto-resume brings the refusal back."""
     flags = base_flags(tmp_path, "again", "--train-data", shards, "--train-num-samples", "16", "--epochs", "1")
-    main(flags)
-    with pytest.raises(FileExistsError, match="--resume latest"):
-        main(flags)
+    first = main(flags)
+    again = main(flags)
+    assert again["step"] == first["step"] and again["history"] == []
+    with pytest.raises(FileExistsError, match="--no-auto-resume"):
+        main([*flags, "--no-auto-resume"])
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -3,10 +3,15 @@
 A checkpoint is open_clip's layout — `epoch`, `name`, `state_dict` (exactly the model's keys, so
 `open_clip.create_model_and_transforms(arch, pretrained=path)` loads it strictly), `optimizer`,
 `scaler` — plus top-level keys for the rest: the method's state (per-sample arrays, NPN and its
-AdaGrad accumulators, temperatures), the step counter, the data position and every rank's RNG
-states. Only tensors and Python primitives are stored: open_clip loads with `weights_only=True`.
-Files are written to a temporary name and renamed, so a crash never leaves a half-written
-checkpoint under a real name.
+AdaGrad accumulators, temperatures), the step counter and the loop's fault counters, the data position
+(epoch + batches of it consumed) and every rank's RNG states. Only tensors and Python primitives are
+stored: open_clip loads with `weights_only=True`.
+
+Files: `epoch_N.pt` / `epoch_latest.pt` at epoch ends (open_clip's --save-frequency, --save-most-recent),
+and `iter_{step}.pt` mid-run (--save-every-n-steps, --save-every-n-minutes, preemption), of which the last
+--keep-last-k are kept. Each is written to a temporary name, fsynced and renamed, so a crash never leaves
+a half-written file under a real name. Resuming picks the checkpoint with the highest step that loads
+and has every required key; a damaged newer one is skipped with a warning naming it.
 """
 import glob
 import logging
@@ -18,10 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import unwrap
+from .distributed import barrier, broadcast_object, unwrap
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+REQUIRED_KEYS = ("state_dict", "optimizer", "method", "step", "epoch", "data_position", "rng")
+CHECKPOINT_NAME = re.compile(r"^(?:iter_(\d+)|epoch_(\d+)|epoch_latest)\.pt$")
 
 
 def rng_state() -> dict:
@@ -57,50 +64,99 @@ def _all_ranks(obj) -> list:
 
 
 def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, fsync, rename over `path`, fsync the directory."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some file systems do not fsync directories
+        pass
+
+
+def read_checkpoint(path: str, required=REQUIRED_KEYS, mmap: bool = False) -> dict:
+    """torch.load, checking the keys a resumable checkpoint has; ValueError naming the file otherwise."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    missing = [key for key in required if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}: not a complete training checkpoint")
+    return ckpt
+
+
+def map_position(ckpt: dict, args, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch) to resume at. The position is stored in batches of the writer's global batch; with
+    another global batch (batch size × world size) it is converted through the samples consumed."""
+    position = ckpt.get("data_position") or {}
+    epoch, batch = int(position.get("epoch", ckpt.get("epoch", 0))), int(position.get("batch", 0))
+    old_global = int(position.get("global_batch", args.batch_size * args.world_size))
+    new_global = args.batch_size * args.world_size
+    if batch and old_global != new_global:
+        samples = batch * old_global
+        batch = samples // new_global
+        log.warning("the checkpoint was written with a global batch of %d, this run has %d: resuming epoch %d "
+                    "at batch %d (%d of the %d samples already consumed; the position maps exactly for CSV and "
+                    "synthetic data, approximately for shards, whose split over ranks differs)",
+                    old_global, new_global, epoch, batch, batch * new_global, samples)
+    if batch >= steps_per_epoch:
+        epoch, batch = epoch + 1, 0
+    return epoch, batch
 
 
 class CheckpointManager:
-    def __init__(self, checkpoint_dir: str, args, is_master: bool):
-        self.dir = checkpoint_dir
-        self.args = args
-        self.is_master = is_master
+    def __init__(self, checkpoint_dir: str, args, is_master: bool, *, model, optimizer, scaler, method):
+        self.dir, self.args, self.is_master = checkpoint_dir, args, is_master
+        self.model, self.optimizer, self.scaler, self.method = model, optimizer, scaler, method
+        if is_master:  # leftovers of a writer that was killed: never a checkpoint
+            for tmp in glob.glob(os.path.join(self.dir, "*.pt.tmp*")):
+                log.info("removing %s, left by an interrupted checkpoint write", tmp)
+                os.remove(tmp)
 
-    def state(self, *, epoch: int, step: int, model, optimizer, scaler, method, data_position: dict) -> dict:
+    def state(self, *, epoch: int, train_state, position: dict) -> dict:
+        barrier()  # gloo: names any rank that does not reach the checkpoint
         return {
             "format_version": FORMAT_VERSION,
             "epoch": epoch,
             "name": self.args.name,
-            "state_dict": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "method": method.state_dict(),
+            "state_dict": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "method": self.method.state_dict(),
             "method_name": self.args.method,
-            "step": step,
-            "data_position": data_position,
+            "step": train_state.step,
+            "train_state": {"skipped_nonfinite": train_state.skipped_nonfinite,
+                            "consecutive_nonfinite": train_state.consecutive_nonfinite},
+            "data_position": {**position, "global_batch": self.args.batch_size * self.args.world_size},
             "world_size": self.args.world_size,
             "batch_size": self.args.batch_size,
-            "rng": _all_ranks(rng_state()),  # collective: every rank must call save()
+            "rng": _all_ranks(rng_state()),  # collective: every rank must call save
         }
 
-    def save(self, epoch: int, **kwargs) -> list[str]:
-        """Write epoch_N.pt (per --save-frequency) and epoch_latest.pt (per --save-most-recent).
-
-        Must be called on every rank (RNG states are gathered); only rank 0 writes.
-        """
-        ckpt = self.state(epoch=epoch, **kwargs)
+    def save_epoch(self, completed: int, train_state) -> list[str]:
+        """epoch_N.pt (per --save-frequency) and epoch_latest.pt (per --save-most-recent), after `completed`
+        epochs. Every rank calls it (RNG states are gathered); rank 0 writes."""
+        ckpt = self.state(epoch=completed, train_state=train_state, position={"epoch": completed, "batch": 0})
         if not self.is_master:
             return []
         written = []
-        final = epoch == self.args.epochs
-        if epoch > 0 and (final or (self.args.save_frequency > 0 and epoch % self.args.save_frequency == 0)):
-            path = os.path.join(self.dir, f"epoch_{epoch}.pt")
+        final = completed == self.args.epochs
+        frequency = self.args.save_frequency
+        if completed > 0 and (final or (frequency > 0 and completed % frequency == 0)):
+            path = os.path.join(self.dir, f"epoch_{completed}.pt")
             atomic_save(ckpt, path)
             written.append(path)
             if self.args.delete_previous_checkpoint:
-                previous = os.path.join(self.dir, f"epoch_{epoch - self.args.save_frequency}.pt")
+                previous = os.path.join(self.dir, f"epoch_{completed - frequency}.pt")
                 if os.path.exists(previous):
                     os.remove(previous)
         if self.args.save_most_recent:
@@ -109,37 +165,72 @@ class CheckpointManager:
             written.append(path)
         return written
 
-    def resolve(self, resume: str | None) -> str | None:
-        """The checkpoint path that --resume names ('latest': the newest in this run folder)."""
-        if not resume:
-            return None
-        if resume != "latest":
-            if not os.path.isfile(resume):
-                raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
-            return resume
-        latest = os.path.join(self.dir, "epoch_latest.pt")
-        if os.path.isfile(latest):
-            return latest
-        numbered = sorted(glob.glob(os.path.join(self.dir, "epoch_*.pt")),
-                          key=lambda p: int(re.search(r"epoch_(\d+)\.pt$", p).group(1))
-                          if re.search(r"epoch_(\d+)\.pt$", p) else -1)
-        return numbered[-1] if numbered else None
+    def save_iter(self, train_state, position: dict) -> str:
+        """iter_{step}.pt at a step boundary; keeps the newest --keep-last-k. Every rank calls it."""
+        ckpt = self.state(epoch=position["epoch"], train_state=train_state, position=position)
+        path = os.path.join(self.dir, f"iter_{train_state.step}.pt")
+        if self.is_master:
+            atomic_save(ckpt, path)
+            for old in self.iter_checkpoints()[:-self.args.keep_last_k]:
+                os.remove(old)
+        return path
 
-    def load(self, path: str, *, model, optimizer, scaler, method, device) -> dict:
-        """Restore everything; returns {'epoch', 'step', 'data_position'}."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    def iter_checkpoints(self) -> list[str]:
+        """iter_N.pt files, oldest first."""
+        found = [(int(m.group(1)), os.path.join(self.dir, name)) for name in os.listdir(self.dir)
+                 if (m := CHECKPOINT_NAME.match(name)) and m.group(1)]
+        return [path for _, path in sorted(found)]
+
+    def newest_valid(self) -> tuple[str, dict] | tuple[None, None]:
+        """The readable, complete checkpoint of this run folder with the highest step, and its contents."""
+        candidates = []
+        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+            match = CHECKPOINT_NAME.match(name)
+            if not match:
+                continue
+            path = os.path.join(self.dir, name)
+            try:  # mmap: only the pickled metadata is read here, to order by step
+                step = int(read_checkpoint(path, mmap=True)["step"])
+            except ValueError as exc:
+                log.warning("%s: skipping it", exc)
+                continue
+            candidates.append((step, bool(match.group(1)), path))  # same step: iter_N.pt first
+        for _, _, path in sorted(candidates, reverse=True):
+            try:
+                return path, read_checkpoint(path)
+            except ValueError as exc:
+                log.warning("%s: falling back to the previous checkpoint", exc)
+        return None, None
+
+    def resolve(self, resume: str | None) -> tuple[str | None, dict | None]:
+        """(path, contents) that --resume names ('latest': the newest valid in this run folder). Rank 0
+        decides and every rank gets its path; contents only on rank 0 (the others read it themselves)."""
+        path, ckpt = None, None
+        if self.is_master and resume:
+            if resume == "latest":
+                path, ckpt = self.newest_valid()
+            elif not os.path.isfile(resume):
+                raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+            else:
+                path, ckpt = resume, read_checkpoint(resume, required=("state_dict",))
+        return broadcast_object(path), ckpt
+
+    def load(self, path: str, ckpt: dict | None, device) -> dict:
+        """Restore model, optimizer, scaler, method and this rank's RNG; returns the checkpoint."""
+        if ckpt is None:
+            ckpt = read_checkpoint(path, required=("state_dict",))
         state_dict = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
         try:
-            unwrap(model).load_state_dict(state_dict)
+            unwrap(self.model).load_state_dict(state_dict)
         except RuntimeError as exc:
             raise RuntimeError(f"{path} does not fit --model {self.args.model}: {exc}".split("\n")[0]
                                + " (was it written by a run with another --model?)") from exc
         if "optimizer" in ckpt and ckpt.get("method_name", self.args.method) == self.args.method:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
             if "method" in ckpt:
-                method.load_state_dict(ckpt["method"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
+                self.method.load_state_dict(ckpt["method"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
         elif "optimizer" in ckpt:
             log.warning("checkpoint %s was trained with method %s, this run uses %s: only the model "
                         "weights are restored", path, ckpt.get("method_name"), self.args.method)
@@ -148,8 +239,12 @@ class CheckpointManager:
         if rng and len(rng) == self.args.world_size:
             set_rng_state(rng[rank])
         elif rng:
-            log.warning("checkpoint was written by %d ranks, this run has %d: RNG states not restored "
-                        "(the run continues, but not bit-for-bit)", len(rng), self.args.world_size)
-        method.to(device)
-        return {"epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0),
-                "data_position": ckpt.get("data_position", {})}
+            log.warning("checkpoint was written by %d ranks, this run has %d: RNG states not restored (a "
+                        "rank's random streams cannot be mapped to another world size; per-sample state is "
+                        "indexed by key and carries over): the run continues, but not bit-for-bit",
+                        len(rng), self.args.world_size)
+        if ckpt.get("batch_size", self.args.batch_size) != self.args.batch_size:
+            log.warning("checkpoint was written with --batch-size %s, this run uses %d: the step counter (and "
+                        "so the schedules) carries over unchanged", ckpt["batch_size"], self.args.batch_size)
+        self.method.to(self.args.device)
+        return ckpt

@@ -9,6 +9,14 @@ images float [b, 3, H, W] (preprocess output), texts long [b, ctx] (tokenizer ou
 a stable id per sample (the .json "key" or numeric __key__ in shards, the 0-based row in a CSV), which
 is what per-sample loss state is indexed by. Training batches always hold exactly --batch-size samples.
 
+Resuming mid-epoch: `info.set_epoch(epoch, start_batch=k)` makes the next pass yield batches k, k+1, ...
+of that epoch, the same batches (and augmentations) an uninterrupted run gets there. Every source of
+randomness is a pure function of (seed, epoch, rank, worker) or (seed, epoch, sample): samplers and
+shard/sample shuffles are seeded per epoch, the DataLoader's worker seeds come from a generator reseeded
+per epoch (so creating an iterator never draws from the global RNG), and a training sample's random
+augmentation runs with the RNGs seeded from (seed, epoch, its key or index). Map-style data sets skip the
+consumed batches in the sampler, without loading them; shard pipelines read and drop them.
+
 Damaged data is skipped, logged and counted inside the DataLoader workers (one count per damaged
 sample, or per damaged shard tail). The counts travel as a 4th batch element (skips since that worker's
 previous batch), which `DataInfo.dataloader` strips off and adds up into `DataInfo.skipped()`: no
@@ -17,12 +25,14 @@ shared memory, and it works with --workers 0. Start-up checks and damage handlin
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import multiprocessing
 import random
 from dataclasses import dataclass
 from itertools import islice
+from typing import Callable
 
 import torch
 import webdataset as wds
@@ -58,18 +68,25 @@ class SharedEpoch:
 class SkipCountingLoader:
     """Iterates a DataLoader of (images, texts, keys, newly_skipped) as (images, texts, keys), adding up
     the skip counts; items without images carry only a count. With `exact`, an epoch that comes up short
-    raises: in DDP the other ranks would wait for the missing steps forever."""
+    raises: in DDP the other ranks would wait for the missing steps forever.
+
+    On resume the pass starts at batch `first`: the sampler has already left out the `first - discard`
+    batches before it, and the remaining `discard` are read here and dropped (iterable data sets)."""
 
     def __init__(self, loader: DataLoader, num_batches: int | None, num_samples: int | None, exact: bool):
         self.loader, self.num_batches, self.num_samples, self.exact = loader, num_batches, num_samples, exact
         self.skipped = 0
+        self.first, self.discard = 0, 0
 
     def __iter__(self):
-        batches = 0
+        batches, to_discard = self.first - self.discard, self.discard
         for images, texts, keys, newly_skipped in self.loader:
             self.skipped += int(newly_skipped)
             if images is not None:
                 batches += 1
+                if to_discard:
+                    to_discard -= 1
+                    continue
                 yield images, texts, keys
         if self.exact and batches != self.num_batches:
             raise RuntimeError(f"this rank got {batches} of its {self.num_batches} batches this epoch "
@@ -85,11 +102,13 @@ class SkipCountingLoader:
 
 @dataclass
 class DataInfo:
-    """One split: its loader (3-tuples), epoch length, epoch reseeding and skip count."""
+    """One split: its loader (3-tuples), epoch length, epoch reseeding, resume position and skip count."""
 
     dataloader: SkipCountingLoader
     shared_epoch: SharedEpoch
-    sampler: DistributedSampler | None = None
+    sampler: ResumableSampler | None = None
+    generator: torch.Generator | None = None  # the DataLoader's: worker base seeds
+    seed_parts: tuple = ()  # (seed, rank): with the epoch, what the generator is seeded from
 
     @property
     def num_samples(self) -> int | None:
@@ -101,11 +120,25 @@ class DataInfo:
         """Batches per epoch on this rank."""
         return self.dataloader.num_batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed shard order, shuffle buffers, resampling and samplers: seed = args.seed + epoch."""
+    @property
+    def start_batch(self) -> int:
+        """The index of the first batch the next pass yields (0, or the resume position)."""
+        return self.dataloader.first
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reseed shard order, shuffle buffers, resampling, samplers and worker seeds for `epoch`, and
+        start the next pass at its batch `start_batch` (resume), skipping the batches before it."""
         self.shared_epoch.set(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(sample_seed("loader", *self.seed_parts, epoch))
+        loader = self.dataloader
+        loader.first = start_batch
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+            self.sampler.start = start_batch * loader.loader.batch_size
+            loader.discard = 0
+        else:
+            loader.discard = start_batch
 
     def skipped(self) -> int:
         """Damaged samples skipped so far by all workers of this rank (counted as batches arrive)."""
@@ -125,6 +158,33 @@ def stream_seed(*parts) -> str:
     return "/".join(map(str, parts))
 
 
+def sample_seed(*parts) -> int:
+    """A 63-bit integer seed from a tuple, the same in every process (no hash randomisation)."""
+    digest = hashlib.blake2b(stream_seed(*parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class PerSampleRandomness:
+    """Runs a function with torch's CPU generator and Python's `random` seeded from (seed, epoch, sample),
+    then puts both back: a sample's random augmentation depends on nothing else (not the worker, the
+    number of workers, the rank, or which batches a resumed pass skipped), and the calling process's own
+    random streams are untouched (with --workers 0 that is the training process)."""
+
+    def __init__(self, seed: int, shared_epoch: SharedEpoch):
+        self.seed, self.shared_epoch = seed, shared_epoch
+
+    def __call__(self, sample: int, fn: Callable, *args):
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = sample_seed("augment", self.seed, self.shared_epoch.get(), sample)
+            torch.default_generator.manual_seed(seed)  # CPU only: CUDA's generator is not touched
+            random.seed(seed)
+            try:
+                return fn(*args)
+            finally:
+                random.setstate(python_state)
+
+
 def tokenize_one(tokenizer, caption: str) -> torch.Tensor:
     return tokenizer([caption])[0]
 
@@ -137,8 +197,10 @@ def decode_image(data: bytes) -> Image.Image:
 class ShardSampleDecoder:
     """Raw tar sample (bytes per extension) -> (image, tokens, key); raises UnusableSample to skip."""
 
-    def __init__(self, transform, tokenizer, check_key: KeyRangeCheck):
+    def __init__(self, transform, tokenizer, check_key: KeyRangeCheck,
+                 randomness: PerSampleRandomness | None = None):
         self.transform, self.tokenizer, self.check_key = transform, tokenizer, check_key
+        self.randomness = randomness
 
     def __call__(self, sample: dict):
         where = f"sample {sample['__key__']!r} of shard {sample['__url__']}"
@@ -154,7 +216,8 @@ class ShardSampleDecoder:
             caption = sample["txt"].decode("utf-8")
         except Exception as exn:
             raise UnusableSample(f"{where}: cannot decode: {exn}") from exn
-        return self.transform(image), tokenize_one(self.tokenizer, caption), key
+        image = self.transform(image) if self.randomness is None else self.randomness(key, self.transform, image)
+        return image, tokenize_one(self.tokenizer, caption), key
 
 
 def stack_batch(images, texts, keys, newly_skipped: int):
@@ -263,7 +326,9 @@ def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, che
     if is_train:
         stages.append(EpochSeededShuffle(args.seed, shared_epoch, args.rank, batches_per_worker * args.batch_size))
     stages += [
-        wds.map(ShardSampleDecoder(transform, tokenizer, check_key), handler=skip_log.handle),
+        wds.map(ShardSampleDecoder(transform, tokenizer, check_key,
+                                   PerSampleRandomness(args.seed, shared_epoch) if is_train else None),
+                handler=skip_log.handle),
         # training drops the partial last batch of each worker: constant batch shapes for all-gathers
         wds.batched(args.batch_size, collation_fn=CollateWithSkipCount(skip_log), partial=not is_train),
     ]
@@ -289,9 +354,11 @@ def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) 
                               batches_per_worker)
     if is_train:  # repeats (or cuts) each worker's stream to its share: all ranks take the same steps
         pipeline = pipeline.with_epoch(batches_per_worker)
+    generator = torch.Generator()
     loader = DataLoader(WithTrailingSkipCount(pipeline, skip_log), batch_size=None, num_workers=args.workers,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available())
-    return DataInfo(SkipCountingLoader(loader, num_batches, num_samples, exact=is_train), shared_epoch)
+                        persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator)
+    return DataInfo(SkipCountingLoader(loader, num_batches, num_samples, exact=is_train), shared_epoch,
+                    generator=generator, seed_parts=(args.seed, args.rank))
 
 
 # ------------------------------------------------------------------------- map-style: CSV, synthetic
@@ -330,17 +397,48 @@ def field(row: list[str], column: int) -> str:
     return row[column] if column < len(row) else ""
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start a pass `start` indices in (resume), without loading the items
+    before it. Its global order does not depend on the world size: rank r takes positions r, r + W, ...
+    of one permutation, so global batch t is positions [t·B·W, (t+1)·B·W) for any W."""
+
+    start = 0
+
+    def __iter__(self):
+        return islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class SeededItems(Dataset):
+    """A map-style training set whose item i is loaded (and augmented) under PerSampleRandomness(i)."""
+
+    def __init__(self, dataset: Dataset, randomness: PerSampleRandomness):
+        self.dataset, self.randomness = dataset, randomness
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        return self.randomness(idx, self.dataset.__getitem__, idx)
+
+
 def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedEpoch) -> DataInfo:
-    sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=is_train,
-                                 seed=args.seed, drop_last=is_train)
+    if is_train:
+        dataset = SeededItems(dataset, PerSampleRandomness(args.seed, shared_epoch))
+    sampler = ResumableSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=is_train,
+                               seed=args.seed, drop_last=is_train)
     sampler.set_epoch(shared_epoch.get())
     # Training drops the partial last batch; validation keeps it (and the sampler pads ranks to equal
     # length by repeating items when the set does not divide evenly).
+    generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate_counted_samples, drop_last=is_train, persistent_workers=False,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), generator=generator)
     num_samples = len(loader) * args.batch_size * args.world_size if is_train else len(dataset)
-    return DataInfo(SkipCountingLoader(loader, len(loader), num_samples, exact=is_train), shared_epoch, sampler)
+    return DataInfo(SkipCountingLoader(loader, len(loader), num_samples, exact=is_train), shared_epoch, sampler,
+                    generator=generator, seed_parts=(args.seed, args.rank))
 
 
 def get_csv_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:

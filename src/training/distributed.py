@@ -3,13 +3,25 @@
 torchrun exports LOCAL_RANK/RANK/WORLD_SIZE; srun exports SLURM_LOCALID/SLURM_PROCID/SLURM_NTASKS
 (MASTER_ADDR/MASTER_PORT come from the job script). With neither, the run is a single process and
 no process group is created.
+
+Faults: every collective gives up after --dist-timeout-minutes instead of waiting forever. On gloo,
+`barrier()` is a monitored barrier, which names the ranks that did not arrive; once a collective has
+failed the process group is unusable, so `report_failure` goes through the rendezvous store instead:
+each rank that catches an exception posts it there, and rank 0 lists which ranks failed and how, and
+which never reported (dead, or stuck outside a collective). On NCCL, PyTorch's watchdog enforces the
+timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING, default 3: tear the process down); see docs/FAULTS.md.
 """
 import datetime
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+REPORT_WAIT_S = 5.0  # how long rank 0 collects the other ranks' failure reports
 
 
 @dataclass
@@ -47,6 +59,7 @@ def init_distributed(device_arg: str | None = None, backend: str | None = None,
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_arg or "cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if world_size > 1 and not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
@@ -57,7 +70,7 @@ def init_distributed(device_arg: str | None = None, backend: str | None = None,
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), init_method="env://",
                                 rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=timeout)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -73,9 +86,57 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """All ranks meet. On gloo a monitored barrier: past the process group's timeout it raises naming
+    every rank that did not arrive, rather than a bare timeout."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(wait_all_ranks=True)
+    else:
         dist.barrier()
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def report_failure(exc: BaseException) -> None:
+    """Best effort, after an exception on this rank: post it to the rendezvous store; on rank 0, wait a
+    few seconds for the other ranks' reports and log who failed how, and who never reported."""
+    if not is_distributed():
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    log.error("rank %d of %d failed: %s", rank, world, text)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=REPORT_WAIT_S))
+        prefix = f"neuclip_failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.set(f"{prefix}/{rank}", text)
+        store.add(f"{prefix}/count", 1)
+        if rank != 0:
+            return
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while store.add(f"{prefix}/count", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reports = {r: store.get(f"{prefix}/{r}").decode() for r in range(world) if store.check([f"{prefix}/{r}"])}
+    except Exception as store_exc:  # the store lived in a process that is gone, or timed out
+        log.error("could not collect the other ranks' failure reports (%s): check every rank's log", store_exc)
+        return
+    silent = [r for r in range(world) if r not in reports]
+    for r, message in sorted(reports.items()):
+        if r != 0:
+            log.error("rank %d reported: %s", r, message)
+    if silent:
+        log.error("rank(s) %s did not report within %.0f s: dead (killed, out of memory, node lost) or stuck "
+                  "outside a collective; look at their logs first", ", ".join(map(str, silent)), REPORT_WAIT_S)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -1,4 +1,8 @@
-"""One epoch of training. Method-agnostic: the loop never asks which method it runs."""
+"""One epoch of training. Method-agnostic: the loop never asks which method it runs.
+
+An epoch may start mid-way (resume): the data yields batches from `data.start_batch` on. After every
+step `control.after_step(...)` (training.preemption.StepCheckpoints) may write a checkpoint and stop.
+"""
 import contextlib
 import logging
 import math
@@ -45,7 +49,8 @@ class Meter:
 
 
 def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state: TrainState, epoch: int,
-                    args, device, tb, max_nonfinite: int = 20) -> None:
+                    args, device, tb, control=None) -> bool:
+    """Returns True when `control` stopped the run mid-epoch (its checkpoint is written)."""
     model.train()
     method.train()
     batches = data.dataloader
@@ -54,7 +59,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
     global_batch = args.batch_size * args.world_size
     raw_model = unwrap(model)
     end = time.perf_counter()
-    for i, (images, texts, keys) in enumerate(batches):
+    for i, (images, texts, keys) in enumerate(batches, start=data.start_batch):
         if i >= steps_this_epoch:
             break
         tau = 1.0 / raw_model.logit_scale.detach().exp().item() if scheduler.needs_tau else None
@@ -87,6 +92,9 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
                 _log_step(state, epoch, i + 1, steps_this_epoch, terms, lrs, raw_model, method, data,
                           batch_time, data_time, global_batch, tb)
             batch_time, data_time = Meter(), Meter()
+        if control is not None and control.after_step(state.step, epoch, i + 1, steps_this_epoch):
+            return True
+    return False
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:

@@ -11,7 +11,10 @@ Launch recipes (from the repository root):
     # slurm: rank/world from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, MASTER_ADDR/PORT from the script
     srun python -u src/training/main.py ...         (see scripts/neuclip_dfn14m.slurm)
 
-The run folder is open_clip's: logs/NAME/{out.log, params.txt, tensorboard/, checkpoints/}.
+The run folder is open_clip's: logs/NAME/{out.log, params.txt, tensorboard/, checkpoints/}. Launching
+the same command again resumes from the folder's newest valid checkpoint (--no-auto-resume refuses
+instead). SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.preemption); faults and
+what each gives: docs/FAULTS.md.
 """
 import logging
 import math
@@ -30,14 +33,15 @@ import torch
 import training  # noqa: F401  (registers the project's model configs)
 from contrastive import build_method
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, map_position
 from .data import get_data
-from .distributed import init_distributed, shutdown, wrap_ddp
+from .distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
 from .evaluation import evaluate, write_info_pkl
 from .logger import TensorBoard, setup_logging
 from .loop import TrainState, train_one_epoch
 from .optim import build_optimizer
 from .params import default_run_name, parse_args, resolve_precision, schedule_numbers
+from .preemption import Preempted, StepCheckpoints, StopSignals
 from .scheduler import LRScheduler
 
 log = logging.getLogger("training")
@@ -49,15 +53,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_folder(args) -> str:
+NOT_COMPARED = {"resume", "no_auto_resume", "rank", "local_rank", "is_master", "device"}
+
+
+def prepare_run_folder(args) -> tuple[str, dict]:
+    """The run folder; in an existing one, --resume latest unless --no-auto-resume. Returns the folder
+    and the previous params.txt (empty for a new run). Rank 0 decides, every rank follows."""
     run_dir = os.path.join(args.logs, args.name)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    previous = {}
     if args.is_master:
-        if os.path.exists(os.path.join(run_dir, "params.txt")) and not args.resume:
-            raise FileExistsError(f"run folder {run_dir} already exists: pass --resume latest to continue "
-                                  "it, or choose another --name")
-        os.makedirs(ckpt_dir, exist_ok=True)
-    return run_dir
+        params = os.path.join(run_dir, "params.txt")
+        if os.path.exists(params):
+            if args.no_auto_resume and not args.resume:
+                raise FileExistsError(f"run folder {run_dir} already exists and --no-auto-resume is set: "
+                                      "drop it (or pass --resume latest) to continue the run, or choose "
+                                      "another --name")
+            with open(params) as f:
+                previous = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
+            args.resume = args.resume or "latest"
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    args.resume = broadcast_object(args.resume)
+    return run_dir, previous
+
+
+def changed_params(args, previous: dict) -> list[str]:
+    return [f"{name}: {previous.get(name, '(unset)')} -> {getattr(args, name)}" for name in sorted(vars(args))
+            if name not in NOT_COMPARED and previous and previous.get(name) != str(getattr(args, name))]
 
 
 def write_params(args, run_dir: str) -> None:
@@ -82,15 +103,35 @@ def fill_data_defaults(args) -> None:
 
 
 def main(argv=None) -> dict:
+    """Train; returns a summary. Raises Preempted (SystemExit(75)) after a signal's checkpoint."""
     args = parse_args(argv)
-    info = init_distributed(args.device, args.dist_backend)
+    info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
+    signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
+    try:
+        return train(args, info, signals)
+    except Preempted:
+        raise
+    except Exception as exc:
+        report_failure(exc)  # distributed runs: names the ranks that failed, and how
+        raise
+    finally:
+        signals.restore()
+
+
+def train(args, info, signals: StopSignals) -> dict:
     args.rank, args.local_rank, args.world_size = info.rank, info.local_rank, info.world_size
     args.is_master, args.device = info.is_master, str(info.device)
     args.precision = resolve_precision(args, info.device.type)
     args.name = args.name or default_run_name(args)
     fill_data_defaults(args)
-    run_dir = prepare_run_folder(args)
+    run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
+    if previous:
+        log.info("run folder %s exists: resuming from its newest valid checkpoint (--no-auto-resume refuses)",
+                 run_dir)
+        changes = changed_params(args, previous)
+        if changes:
+            log.warning("flags differ from the run folder's params.txt: %s", "; ".join(changes))
 
     seed_everything(args.seed)  # same model init on every rank
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
@@ -115,15 +156,20 @@ def main(argv=None) -> dict:
     optimizer = build_optimizer(model, method, args)
     scaler = torch.amp.GradScaler(info.device.type) if args.precision == "amp" else None
     scheduler = LRScheduler(optimizer, args, steps_per_epoch)
-    checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), args, args.is_master)
+    checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), args, args.is_master, model=model,
+                                    optimizer=optimizer, scaler=scaler, method=method)
 
-    start_epoch, state = 0, TrainState()
-    resume_path = checkpoints.resolve(args.resume)
+    state, start_epoch, start_batch = TrainState(), 0, 0
+    resume_path, ckpt = checkpoints.resolve(args.resume)
     if resume_path:
-        restored = checkpoints.load(resume_path, model=model, optimizer=optimizer, scaler=scaler,
-                                    method=method, device=info.device)
-        start_epoch, state.step = restored["epoch"], restored["step"]
-        log.info("Resumed from %s at epoch %d, step %d", resume_path, start_epoch, state.step)
+        ckpt = checkpoints.load(resume_path, ckpt, info.device)
+        state.step = int(ckpt.get("step", 0))
+        for name, value in (ckpt.get("train_state") or {}).items():
+            setattr(state, name, int(value))
+        start_epoch, start_batch = map_position(ckpt, args, steps_per_epoch)
+        log.info("Resumed from %s at epoch %d, batch %d, step %d", resume_path, start_epoch, start_batch,
+                 state.step)
+        del ckpt
     elif args.resume:
         log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, run_dir)
     if args.is_master:
@@ -134,21 +180,27 @@ def main(argv=None) -> dict:
         ddp_model = torch.compile(ddp_model)
     tb = TensorBoard(os.path.join(run_dir, "tensorboard")
                      if args.is_master and "tensorboard" in (args.report_to or "") else None)
+    control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
     results = {}
     for epoch in range(start_epoch, last_epoch):
-        data["train"].set_epoch(epoch)
+        data["train"].set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         method.on_epoch_start(epoch)
-        train_one_epoch(model=ddp_model, method=method, data=data["train"], optimizer=optimizer,
-                        scaler=scaler, scheduler=scheduler, state=state, epoch=epoch, args=args,
-                        device=info.device, tb=tb)
+        if train_one_epoch(model=ddp_model, method=method, data=data["train"], optimizer=optimizer,
+                           scaler=scaler, scheduler=scheduler, state=state, epoch=epoch, args=args,
+                           device=info.device, tb=tb, control=control):
+            break
         completed = epoch + 1
-        written = checkpoints.save(completed, step=state.step, model=model, optimizer=optimizer, scaler=scaler,
-                                   method=method, data_position={"epoch": completed, "batch": 0})
+        written = checkpoints.save_epoch(completed, state)
         if written:  # upstream DataComp finds the checkpoint through info.pkl
             write_info_pkl(run_dir, args.model, written[-1])
         results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir) or results
+        if completed < last_epoch and control.at_epoch_end(state.step, completed):
+            break
     tb.close()
+    if control.stopped_at:
+        shutdown()
+        raise Preempted(*control.stopped_at)
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
     summary = {"run_dir": run_dir, "step": state.step, "history": state.history,
                "skipped_nonfinite": state.skipped_nonfinite, "results": results}

@@ -81,7 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-frequency", type=int, default=1, help="epochs between epoch_N.pt")
     run.add_argument("--save-most-recent", action="store_true", help="also keep epoch_latest.pt")
     run.add_argument("--delete-previous-checkpoint", action="store_true")
-    run.add_argument("--resume", default=None, help="checkpoint path, or 'latest'")
+    run.add_argument("--resume", default=None,
+                     help="checkpoint path, or 'latest'; an existing run folder resumes by itself")
+    run.add_argument("--no-auto-resume", action="store_true",
+                     help="refuse to start in an existing run folder (open_clip's behaviour) instead of "
+                          "resuming from its newest valid checkpoint")
+    run.add_argument("--save-every-n-steps", type=int, default=0,
+                     help="also write checkpoints/iter_{step}.pt every N steps (0: off)")
+    run.add_argument("--save-every-n-minutes", type=float, default=0.0,
+                     help="also write checkpoints/iter_{step}.pt every M minutes (0: off)")
+    run.add_argument("--keep-last-k", type=int, default=2, help="iter_{step}.pt files to keep")
+    run.add_argument("--no-requeue", action="store_true",
+                     help="on SIGUSR1 under slurm, checkpoint and exit without `scontrol requeue`")
+    run.add_argument("--dist-timeout-minutes", type=float, default=30.0,
+                     help="a collective (or the start-up rendezvous) that waits longer fails; gloo names "
+                          "the missing rank at checkpoints")
     run.add_argument("--report-to", default="tensorboard", help="'tensorboard', or '' for none")
     run.add_argument("--log-every-n-steps", type=int, default=100)
     run.add_argument("--zeroshot-frequency", type=int, default=1)
@@ -211,6 +225,14 @@ def validate(args) -> None:
     if args.accum_freq != 1:
         raise ValueError(f"--accum-freq {args.accum_freq}: gradient accumulation is not implemented yet; "
                          "use --accum-freq 1 with a smaller --batch-size per rank or more ranks")
+    for flag, value in (("--save-every-n-steps", args.save_every_n_steps),
+                        ("--save-every-n-minutes", args.save_every_n_minutes)):
+        if value < 0:
+            raise ValueError(f"{flag} must be ≥ 0 (0: off), got {value}")
+    if args.keep_last_k < 1:
+        raise ValueError(f"--keep-last-k must be ≥ 1, got {args.keep_last_k}: resuming needs a checkpoint")
+    if args.dist_timeout_minutes <= 0:
+        raise ValueError(f"--dist-timeout-minutes must be > 0, got {args.dist_timeout_minutes}")
     if args.workers < 0:
         raise ValueError(f"--workers must be ≥ 0, got {args.workers}")
     if not 0 < args.gamma <= 1:

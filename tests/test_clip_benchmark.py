@@ -1,0 +1,120 @@
+"""clip-benchmark 1.6.2, the zero-shot client the DataComp evaluation builds on, scores a checkpoint written by
+our trainer exactly as our own evaluator does.
+
+The built-in zero-shot tasks are exported as clip-benchmark's local webdataset layout (what
+`clip_benchmark.datasets.builder.build_wds_dataset` reads):
+
+    ROOT/<task>/test/0.tar                          NNNNNN.png (lossless: the exact pixels) + NNNNNN.cls (label)
+    ROOT/<task>/test/nshards.txt                    "1"
+    ROOT/<task>/classnames.txt                      one class name per line, in label order
+    ROOT/<task>/zeroshot_classification_templates.txt   one template per line, "{c}" for the class name
+
+and clip-benchmark's real command line (`clip_benchmark.cli.main`, in this process, where `import training`
+has registered `neuclip-tiny` with open_clip) evaluates `--model neuclip-tiny --pretrained CKPT`. `--no_amp`:
+its default autocast would run the encoders in bf16 on a CPU (fp16 on CUDA) and move the scores.
+
+clip-benchmark 1.6.2's `zeroshot_classification.accuracy` calls float() on a 1-element numpy array, a
+TypeError under numpy >= 2.4 (the same bug as open_clip's zero_shot.accuracy). When it fails, the test swaps in
+the same computation with `.item()`; the DataComp fork, which imports that function, needs the same fix (or
+numpy < 2.4) to run here.
+"""
+import io
+import json
+import os
+import sys
+import tarfile
+
+import pytest
+import torch
+
+cli = pytest.importorskip("clip_benchmark.cli",
+                          reason="clip-benchmark is not installed (pip install -r requirements-eval.txt)")
+from clip_benchmark.metrics import zeroshot_classification  # noqa: E402
+
+import open_clip  # noqa: E402
+
+import training  # noqa: E402,F401  (registers neuclip-tiny in this process, for clip-benchmark's loader)
+from training.evaluation import (BUILTIN_N_PER_TASK, EvalSettings, builtin_tasks,  # noqa: E402
+                                 evaluate_builtin_zero_shot)
+from training.main import main as train_main  # noqa: E402
+
+SEED = 0
+# clip-benchmark's own WebDataset(...) call leaves shardshuffle unset, which webdataset 1.0.2 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle=...\\) is None")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """epoch_1.pt of a real one-epoch neuclip-tiny run (NeuCLIP on the built-in data set)."""
+    logs = tmp_path_factory.mktemp("logs")
+    train_main(["--logs", str(logs), "--name", "cb", "--model", "neuclip-tiny", "--batch-size", "16",
+                "--epochs", "1", "--synthetic-num-samples", "64", "--synthetic-seed", str(SEED), "--workers", "0",
+                "--warmup", "2", "--lr", "1e-3", "--precision", "fp32", "--zeroshot-frequency", "0",
+                "--val-frequency", "0", "--report-to", "", "--fastclip", "--npn", "--npn_num_protos", "16"])
+    return str(logs / "cb" / "checkpoints" / "epoch_1.pt")
+
+
+def write_wds_classification(root: str, task) -> None:
+    """One built-in zero-shot task as a clip-benchmark webdataset folder."""
+    os.makedirs(os.path.join(root, "test"))
+    with tarfile.open(os.path.join(root, "test", "0.tar"), "w") as tar:
+        for i, (image, label) in enumerate(zip(task.images, task.labels)):
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            for name, data in ((f"{i:06d}.png", png.getvalue()), (f"{i:06d}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    files = {os.path.join("test", "nshards.txt"): "1",
+             "classnames.txt": "\n".join(task.classnames),
+             "zeroshot_classification_templates.txt": "\n".join(t.replace("{}", "{c}") for t in task.templates)}
+    for name, text in files.items():
+        with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def numpy_safe_accuracy(output, target, topk=(1,)):
+    """clip-benchmark's `accuracy` with .item() where it calls float() on a 1-element numpy array."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+def accuracy_works() -> bool:
+    try:
+        zeroshot_classification.accuracy(torch.eye(6), torch.arange(6), topk=(1, 5))
+    except TypeError:  # numpy >= 2.4: "only 0-dimensional arrays can be converted to Python scalars"
+        return False
+    return True
+
+
+def test_clip_benchmark_matches_our_evaluator(checkpoint, tmp_path, monkeypatch):
+    tasks = {name: task for name, task in builtin_tasks(SEED, BUILTIN_N_PER_TASK).items() if task.is_zero_shot}
+    assert len(tasks) == 5
+    root, out = tmp_path / "wds", tmp_path / "results"
+    out.mkdir()
+    for name, task in tasks.items():
+        write_wds_classification(str(root / name), task)
+
+    if not accuracy_works():
+        monkeypatch.setattr(zeroshot_classification, "accuracy", numpy_safe_accuracy)
+    monkeypatch.setattr(sys, "argv", [
+        "clip_benchmark", "eval", "--model", "neuclip-tiny", "--pretrained", checkpoint,
+        "--dataset", *[f"wds/{name}" for name in tasks], "--dataset_root", str(root / "{dataset}"),
+        "--task", "zeroshot_classification", "--no_amp", "--num_workers", "0", "--batch_size", "128",
+        "--output", str(out / "{dataset}.json"), "--quiet"])
+    cli.main()
+
+    model, _, preprocess = open_clip.create_model_and_transforms("neuclip-tiny", pretrained=checkpoint)
+    model.eval()
+    ours = evaluate_builtin_zero_shot(model, open_clip.get_tokenizer("neuclip-tiny"), preprocess,
+                                      EvalSettings(torch.device("cpu"), "fp32", 256), SEED)
+    for name, task in tasks.items():
+        with open(out / f"{name}.json") as f:
+            result = json.load(f)
+        assert result["model"] == "neuclip-tiny" and result["pretrained"] == checkpoint
+        metrics = result["metrics"]
+        assert metrics["acc1"] == pytest.approx(ours[f"builtin/{name}/top1"], abs=1e-6), name
+        if len(task.classnames) > 5:  # our evaluator reports top-5 only where it is not trivially 1
+            assert metrics["acc5"] == pytest.approx(ours[f"builtin/{name}/top5"], abs=1e-6), name
+    assert any(ours[f"builtin/{name}/top1"] != ours["builtin/colour/top1"] for name in tasks)  # not degenerate
