@@ -113,7 +113,7 @@ def evaluate(est, data, ref, a, scale, eps):
     return 0.5 * ((pred_img - exact_img).square().mean() + (pred_txt - exact_txt).square().mean()).item()
 
 
-def configs(dim, scales=(3, 10, 30, 100)):
+def configs(dim, scales=(3, 10, 20, 30, 100)):
     unit = 1 / math.sqrt(dim)  # RMS coordinate of a unit-norm prototype
     rows = [("mini-batch estimate (no NPN)", {"kind": "minibatch"}),
             ("restart init only (lr 0)", {"kind": "npn", "lr": 0.0}),
@@ -146,7 +146,7 @@ def main():
     p.add_argument("--angle", type=float, default=0.3, help="radians the embedding space turns over the run")
     p.add_argument("--spread", type=float, default=0.5, help="per-sample noise around the cluster centres")
     p.add_argument("--only", default=None, help="comma-separated row numbers to run")
-    p.add_argument("--scales", default="3,10,30,100", help="init scales to try at lr 1")
+    p.add_argument("--scales", default="3,10,20,30,100", help="init scales to try at lr 1")
     a = p.parse_args()
     torch.set_num_threads(1)
     print(f"n={a.n} d={a.dim} N={a.batch} m={a.m} steps={a.steps} T_r={a.tr} T_u={a.tu} tau={a.tau}; "

@@ -204,6 +204,7 @@ def log_scale_if_wide(ax, curves: list[Curve]) -> None:
 def plot(runs: list[Run], out: str, metric: str = DEFAULT_METRIC, smooth: float = 0.6,
          title: str | None = None) -> str:
     colours = plt.get_cmap("tab10").colors
+    dashes = ("-", "--", "-.", ":")  # overlapping runs (same τ schedule, say) stay distinguishable
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     (ax_loss, ax_tau), (ax_err, ax_acc) = axes
     loss_names = sorted({run.loss_name for run in runs if run.loss})
@@ -213,22 +214,22 @@ def plot(runs: list[Run], out: str, metric: str = DEFAULT_METRIC, smooth: float 
     style(ax_err, "Normalizer estimation error", r"MSE of $\log(\varepsilon + g)$")
     style(ax_acc, "Zero-shot accuracy", metric)
 
+    handles = []
     for index, run in enumerate(runs):
-        colour = colours[index % len(colours)]
+        line = {"color": colours[index % len(colours)], "linestyle": dashes[index % len(dashes)]}
         if run.loss:
             xs, ys = run.loss
             if 0 < smooth < 1 and len(ys) > 5:
-                ax_loss.plot(xs, ys, color=colour, alpha=0.22, linewidth=0.8)
+                ax_loss.plot(xs, ys, color=line["color"], alpha=0.22, linewidth=0.8)
                 ys = ema(ys, smooth)
-            ax_loss.plot(xs, ys, color=colour, linewidth=1.8)
+            ax_loss.plot(xs, ys, linewidth=1.8, **line)
         if run.tau:
-            ax_tau.plot(*run.tau, color=colour, linewidth=1.8)
+            ax_tau.plot(*run.tau, linewidth=1.8, **line)
         if run.est_err:
-            ax_err.plot(*run.est_err, color=colour, linewidth=1.6, marker="o", markersize=3.5)
+            ax_err.plot(*run.est_err, linewidth=1.6, marker="o", markersize=3.5, **line)
         if run.accuracy:
-            ax_acc.plot(*run.accuracy, color=colour, linewidth=1.8, marker="o", markersize=4.5)
-    handles = [Line2D([], [], color=colours[i % len(colours)], linewidth=2.2, label=run.label)
-               for i, run in enumerate(runs)]
+            ax_acc.plot(*run.accuracy, linewidth=1.8, marker="o", markersize=4.5, **line)
+        handles.append(Line2D([], [], linewidth=2.2, label=run.label, **line))
 
     for ax, attribute, why in ((ax_loss, "loss", "no train/loss in TensorBoard"),
                                (ax_tau, "tau", "no train/tau or train/logit_scale"),

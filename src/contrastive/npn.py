@@ -147,7 +147,6 @@ class _BufferOptimizer(nn.Module):
     def __init__(self, params: list[torch.Tensor], lr: float, state_names: tuple[str, ...]):
         super().__init__()
         self.lr = lr
-        self._state_names = state_names
         for i, p in enumerate(params):
             for name in state_names:
                 self.register_buffer(f"{name}_{i}", torch.zeros_like(p, memory_format=torch.contiguous_format))

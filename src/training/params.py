@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["unified", "regression"])
     npn.add_argument(*_both("npn_update"), dest="npn_update", default="alternating",
                      choices=["alternating", "simultaneous"])
-    npn.add_argument(*_both("npn_init_scale"), dest="npn_init_scale", type=float, default=10.0,
+    npn.add_argument(*_both("npn_init_scale"), dest="npn_init_scale", type=float, default=20.0,
                      help="RMS coordinate of a restarted prototype (norm = scale·√d). α only sees directions; "
                           "AdaGrad's first step (±lr per coordinate) turns a prototype by about lr/scale "
                           "radians, so this sets what --npn_lr means (scripts/npn_lr_study.py)")

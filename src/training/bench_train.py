@@ -1,0 +1,418 @@
+"""Parts 2 and 3 of `training.bench`: real trainings through `training.main.main([...])`, read back from their
+run folders (checkpoints/results.jsonl, out.log, params.txt).
+
+Part 2, estimation error vs batch size and data size (NeuCLIP paper Figure 2c, Figure 4): OpenCLIP, FastCLIP-v3
+and NeuCLIP on the built-in synthetic data at two batch sizes and two data sizes (n and 10n), every run the
+same samples seen S; the error (training.diagnostics: mean squared error of log-normalizers against the truth on
+a fixed reference set) at C checkpoints k·S/C, the same samples seen in every setting, averaged over the C
+checkpoints as the paper does. Measured in training by --est-err-every; should a scheduled record be missing
+from results.jsonl, it is computed from that step's iter checkpoint with training.diagnostics' own functions.
+
+Part 3, quality at a fixed budget (Table 1 in miniature): all five methods, the same samples seen, several seeds;
+zero-shot top-1 on the built-in held-out tasks (builtin/mean_top1 and per task) and retrieval R@1, mean ± std.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+
+from .bench_common import (METHOD_LABELS, REPO_ROOT, fmt, fmt_pm, markdown_table, mean_std, method_spec, pyplot,
+                           save_figure)
+
+EST_KEY = "est_err/mean"
+TASKS = ("colour", "shape", "size", "position", "background", "relation")
+R1_KEYS = ("builtin/retrieval/image_to_text_R@1", "builtin/retrieval/text_to_image_R@1")
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+def train_spec(family: str, opts):
+    if family == "neuclip":
+        return method_spec("neuclip", protos=opts.npn_protos, restart=opts.npn_restart)
+    return method_spec(family)
+
+
+def train_flags(opts, logs: str, name: str, spec, *, batch: int, n: int, samples: int, seed: int,
+                evaluate: bool, extra: list[str] = ()) -> list[str]:
+    if samples % n or n % batch:
+        raise ValueError(f"samples seen {samples} must be a multiple of the data size {n}, and {n} of the batch "
+                         f"size {batch}, for exact epochs")
+    epochs, steps = samples // n, samples // batch
+    device = opts.device
+    flags = ["--logs", logs, "--name", name, "--model", opts.model, "--batch-size", str(batch),
+             "--epochs", str(epochs), "--dataset-type", "synthetic", "--synthetic-num-samples", str(n),
+             "--workers", str(opts.workers), "--warmup", str(max(1, steps // 10)), "--lr", str(opts.lr),
+             "--wd", "0.1", "--precision", "fp32" if device == "cpu" else "amp_bf16", "--device", device,
+             "--seed", str(seed), "--log-every-n-steps", str(max(1, steps // 10)),
+             "--zeroshot-frequency", str(epochs if evaluate else 0), "--val-frequency", str(epochs if evaluate else 0),
+             "--save-frequency", "0", "--report-to", "tensorboard", *spec.flags]
+    if spec.uses_family:
+        flags += ["--gamma_decay_epochs", str(epochs)]
+    return flags + list(extra)
+
+
+def run_once(flags: list[str], run_dir: str, reuse: bool, extract, log) -> dict:
+    """Train (or reuse a finished run with the same flags), let `extract(run_dir, summary)` read what the part
+    needs, drop the checkpoints, and return the extracted result (also kept in run_dir/bench_run.json)."""
+    from .main import main  # noqa: PLC0415
+    marker = os.path.join(run_dir, "bench_run.json")
+    if reuse and os.path.exists(marker):
+        with open(marker) as f:
+            saved = json.load(f)
+        if saved.get("flags") == flags:
+            log(f"  reusing {run_dir}")
+            return saved["result"]
+    if os.path.exists(run_dir):
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    summary = main(flags)
+    seconds = time.perf_counter() - start
+    result = extract(run_dir, summary)
+    result.update(seconds=seconds, steps=summary["step"], skipped_nonfinite=summary["skipped_nonfinite"])
+    for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
+        os.remove(path)
+    with open(marker, "w") as f:
+        json.dump({"flags": flags, "result": result}, f, indent=1)
+    log(f"  {os.path.basename(run_dir)}: {summary['step']} steps in {seconds:.0f} s")
+    return result
+
+
+def results_lines(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "checkpoints", "results.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------ part 2
+
+def error_settings(opts) -> list[dict]:
+    small, large = sorted(opts.error_batches)
+    n = opts.error_n
+    return [{"batch": b, "n": size, "label": f"B={b}, {tag}"} for size, tag in ((n, "n"), (10 * n, "10n"))
+            for b in (small, large)]
+
+
+def checkpoint_steps(samples: int, count: int, batch: int) -> list[int]:
+    every = samples // count
+    if samples % count or every % batch:
+        raise ValueError(f"samples seen {samples} / {count} checkpoints must be a multiple of batch {batch}")
+    return [k * every // batch for k in range(1, count + 1)]
+
+
+def run_error(opts, out_dir: str, log) -> tuple[str, dict]:
+    logs = os.path.join(out_dir, "runs", "error")
+    settings = error_settings(opts)
+    samples, count = opts.error_samples, opts.error_checkpoints
+    runs = []
+    for family in opts.error_methods:
+        spec = train_spec(family, opts)
+        for setting in settings:
+            b, n = setting["batch"], setting["n"]
+            steps = checkpoint_steps(samples, count, b)
+            every = steps[0]
+            reference = min(n, opts.error_reference)
+            name = f"{spec.key}-b{b}-n{n}"
+            flags = train_flags(opts, logs, name, spec, batch=b, n=n, samples=samples, seed=0, evaluate=False,
+                                extra=["--est-err-every", str(every), "--est-err-samples", str(reference),
+                                       "--save-every-n-steps", str(every), "--keep-last-k", str(count + 2)])
+            log(f"[error] {spec.label}, {setting['label']} (n={n}): {samples // b} steps, error every {every} steps "
+                f"on {reference} reference samples")
+
+            def extract(run_dir, summary, steps=steps, reference=reference):
+                return extract_errors(run_dir, steps, reference, opts.device, log)
+            result = run_once(flags, os.path.join(logs, name), opts.reuse, extract, log)
+            runs.append({"method": family, "key": spec.key, "label": spec.label, **setting, "reference": reference,
+                         "steps": steps, "restart_every": opts.npn_restart if family == "neuclip" else None, **result})
+    data = {"runs": runs, "samples": samples, "checkpoints": count, "settings": settings,
+            "methods": opts.error_methods, "n": opts.error_n}
+    data["plots"] = [plot_error_bars(data, os.path.join(out_dir, "error_bars.png")),
+                     plot_error_curves(data, os.path.join(out_dir, "error_curves.png"))]
+    return error_markdown(data, opts), data
+
+
+def extract_errors(run_dir: str, steps: list[int], reference: int, device: str, log) -> dict:
+    records = [r for r in results_lines(run_dir) if EST_KEY in r]
+    by_step = {int(r["step"]): r for r in records}
+    scheduled, problems = [], []
+    for step in steps:
+        record = by_step.get(step)
+        source = "training (--est-err-every)"
+        if record is None:
+            source = "checkpoint (training.diagnostics.estimation_error)"
+            try:
+                record = error_from_checkpoint(run_dir, step, reference, device)
+            except Exception as exc:  # noqa: BLE001  (reported, not fatal: the other runs still count)
+                problems.append(f"step {step}: {type(exc).__name__}: {exc}")
+                log(f"  no estimation error at step {step}: {exc}")
+                continue
+        scheduled.append({"step": step, "source": source, **{k: record.get(k) for k in
+                          ("est_err/mean", "est_err/image", "est_err/text", "est_bias/image", "est_bias/text",
+                           "epoch", "samples_seen")}})
+    curve = sorted(((int(r["step"]), r[EST_KEY]) for r in records), key=lambda x: x[0])
+    return {"scheduled": scheduled, "curve": curve, "problems": problems}
+
+
+_REFERENCES: dict = {}
+
+
+def error_from_checkpoint(run_dir: str, step: int, reference: int, device: str) -> dict:
+    """The diagnostic on checkpoints/iter_{step}.pt, as `python -m training.diagnostics --iter` computes it."""
+    import torch  # noqa: PLC0415
+
+    from . import diagnostics as diag  # noqa: PLC0415
+    path = os.path.join(run_dir, "checkpoints", f"iter_{step}.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"neither a results.jsonl record nor {path}")
+    args = diag.run_args(run_dir)
+    dev = torch.device(device)
+    args.device, args.rank, args.is_master = str(dev), 0, True
+    args.precision = "fp32" if dev.type == "cpu" else "amp_bf16"
+    model, method, preprocess_val, tokenizer, ckpt = diag.load_run(run_dir, path, args, dev)
+    key = (run_dir, reference)
+    if key not in _REFERENCES:
+        _REFERENCES.clear()
+        _REFERENCES[key] = diag.reference_set(args, preprocess_val, tokenizer, reference)
+    metrics = diag.estimation_error(model, method, _REFERENCES[key], args, dev, step=step)
+    batch = diag.global_batch_size(args)
+    return {**metrics, "step": step, "samples_seen": step * batch, "epoch": ckpt.get("epoch")}
+
+
+def mean_error(run: dict) -> tuple[float, float]:
+    return mean_std([r["est_err/mean"] for r in run["scheduled"] if r.get("est_err/mean") is not None])
+
+
+def error_markdown(data: dict, opts) -> str:
+    settings, runs = data["settings"], data["runs"]
+    find = {(r["method"], r["batch"], r["n"]): r for r in runs}
+    small, large = sorted(opts.error_batches)
+    n = data["n"]
+    lines = ["## 2. Estimation error vs batch size and data size", ""]
+    lines.append(f"Paper Figure 2c in miniature. Every run sees S = {data['samples']} samples "
+                 f"({data['samples'] // n} epochs of n = {n}, {data['samples'] // (10 * n)} of 10n = {10 * n}); the "
+                 f"error (`est_err/mean`, training.diagnostics: mean over image and text anchors of "
+                 f"(a_i − log(ε + g(i, S_ref)))²) is taken at {data['checkpoints']} checkpoints, k·S/"
+                 f"{data['checkpoints']} samples seen, identical across settings, and averaged over them (the "
+                 f"paper's 'mean across checkpoints'). Reference set S_ref: the first min(n, {opts.error_reference}) "
+                 f"training samples by key — the whole data set for n, a subset for 10n (its truth is then itself an "
+                 f"average over R − 1 negatives, R ≫ B). Mini-batch estimates are taken on batches of the run's own "
+                 f"size. Same lr ({opts.lr}), warm-up (10% of steps), seed 0 everywhere. NeuCLIP: m = {opts.npn_protos}, "
+                 f"T_u = 10, T_r = {opts.npn_restart}, AdaGrad lr 1.0.")
+    lines.append("")
+    header = ["method", *(s["label"] for s in settings), f"B {small} vs {large} (×)", "10n vs n (×)"]
+    rows = []
+    for family in data["methods"]:
+        cells, means = [], {}
+        for s in settings:
+            run = find.get((family, s["batch"], s["n"]))
+            m, sd = mean_error(run) if run else (math.nan, math.nan)
+            means[(s["batch"], s["n"])] = m
+            cells.append(fmt_pm(m, sd))
+        batch_ratio = _mean_ratio([(means[(small, size)], means[(large, size)]) for size in (n, 10 * n)])
+        size_ratio = _mean_ratio([(means[(b, 10 * n)], means[(b, n)]) for b in (small, large)])
+        rows.append([METHOD_LABELS[family], *cells, fmt(batch_ratio), fmt(size_ratio)])
+    lines += [markdown_table(header, rows), ""]
+    lines.append("Cells: mean ± sd over the checkpoints. Ratios: error at the smaller batch over the larger (mean of "
+                 "the two data sizes), and at 10n over n (mean of the two batch sizes).")
+    bias_rows = []
+    for family in data["methods"]:
+        cells = []
+        for s in settings:
+            run = find.get((family, s["batch"], s["n"]))
+            values = [0.5 * (r["est_bias/image"] + r["est_bias/text"]) for r in (run or {}).get("scheduled", [])
+                      if r.get("est_bias/image") is not None]
+            cells.append(fmt_pm(*mean_std(values)))
+        bias_rows.append([METHOD_LABELS[family], *cells])
+    lines += ["", "Mean bias (a_i − t_i, image and text averaged) over the same checkpoints: a systematic offset "
+              "(the mini-batch estimate's Jensen gap, stale moving averages) as opposed to noise:", "",
+              markdown_table(["method", *(s["label"] for s in settings)], bias_rows), ""]
+    lines.append("Where the checkpoints fall (steps; NeuCLIP's restarts at steps 0, T_r, 2T_r, …; FastCLIP's γ is 1 "
+                 "through epoch 0, so its u is the latest batch value until the data set has been seen once):")
+    lines.append("")
+    for s in settings:
+        steps = checkpoint_steps(data["samples"], data["checkpoints"], s["batch"])
+        parts = []
+        for step in steps:
+            since = _since_restart(step, opts.npn_restart)
+            parts.append(f"{step} (epoch {step * s['batch'] / s['n']:.2f}, {since} steps after the last NPN restart)")
+        lines.append(f"- {s['label']}: " + "; ".join(parts))
+    sources = {r2["source"] for r in runs for r2 in r["scheduled"]}
+    problems = [f"{r['key']} {r['label'] if 'label' in r else ''}: {p}" for r in runs for p in r.get("problems", [])]
+    lines += ["", "Source of the values: " + ", ".join(sorted(sources)) + "."]
+    if problems:
+        lines += ["", "**Missing values:**", *(f"- {p}" for p in problems)]
+    total = sum(r.get("seconds", 0) for r in runs)
+    lines += ["", f"{len(runs)} trainings, {total:.0f} s of training wall time (including the in-training "
+              "measurements).", "", "![estimation error](error_bars.png)", "",
+              "![estimation error along training](error_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _since_restart(step: int, period: int) -> int:
+    """Steps done since the last restart when `step` steps are done (restarts run at step indices 0, T_r, …)."""
+    if period <= 0:
+        return step
+    return step - period * ((step - 1) // period)
+
+
+def _mean_ratio(pairs) -> float:
+    ratios = [a / b for a, b in pairs if b and not math.isnan(a) and not math.isnan(b)]
+    return sum(ratios) / len(ratios) if ratios else math.nan
+
+
+def plot_error_bars(data: dict, path: str) -> str:
+    plt = pyplot()
+    settings, methods = data["settings"], data["methods"]
+    find = {(r["method"], r["batch"], r["n"]): r for r in data["runs"]}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(settings)
+    colours = plt.get_cmap("tab20c").colors
+    for j, s in enumerate(settings):
+        means, errs = [], []
+        for family in methods:
+            run = find.get((family, s["batch"], s["n"]))
+            m, sd = mean_error(run) if run else (math.nan, math.nan)
+            means.append(m)
+            errs.append(0 if math.isnan(sd) else sd)
+        xs = [i + (j - (len(settings) - 1) / 2) * width for i in range(len(methods))]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=s["label"], color=colours[[0, 1, 4, 5][j % 4]])
+    ax.set_xticks(range(len(methods)), [METHOD_LABELS[m] for m in methods])
+    ax.set_ylabel(f"estimation error (mean of {data['checkpoints']} checkpoints)")
+    ax.set_yscale("log")
+    ax.set_title(f"Estimation error of log-normalizers, {data['samples']} samples seen per run", fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_error_curves(data: dict, path: str) -> str:
+    plt = pyplot()
+    methods = data["methods"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), sharey=True, squeeze=False)
+    styles = ["-", "--", "-", "--"]
+    colours = ["tab:blue", "tab:blue", "tab:red", "tab:red"]
+    for ax, family in zip(axes[0], methods):
+        for j, s in enumerate(data["settings"]):
+            run = next((r for r in data["runs"] if (r["method"], r["batch"], r["n"]) == (family, s["batch"], s["n"])),
+                       None)
+            if run and run["curve"]:
+                ax.plot([st * s["batch"] for st, _ in run["curve"]], [v for _, v in run["curve"]], styles[j],
+                        color=colours[j], marker=".", label=s["label"])
+        ax.set_title(METHOD_LABELS[family], fontsize=10)
+        ax.set_xlabel("samples seen")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("est_err/mean")
+    axes[0][0].legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ part 3
+
+def run_quality(opts, out_dir: str, log) -> tuple[str, dict]:
+    logs = os.path.join(out_dir, "runs", "quality")
+    runs = []
+    for family in opts.quality_methods:
+        spec = train_spec(family, opts)
+        for seed in opts.seeds:
+            name = f"{spec.key}-s{seed}"
+            flags = train_flags(opts, logs, name, spec, batch=opts.quality_batch, n=opts.quality_n,
+                                samples=opts.quality_samples, seed=seed, evaluate=True)
+            log(f"[quality] {spec.label}, seed {seed}: {opts.quality_samples // opts.quality_batch} steps")
+            result = run_once(flags, os.path.join(logs, name), opts.reuse, extract_quality, log)
+            runs.append({"method": family, "key": spec.key, "label": spec.label, "seed": seed,
+                         "run_dir": os.path.join(logs, name), **result})
+    data = {"runs": runs, "methods": opts.quality_methods, "seeds": opts.seeds, "samples": opts.quality_samples,
+            "batch": opts.quality_batch, "n": opts.quality_n}
+    data["plots"] = [plot_quality(data, os.path.join(out_dir, "quality.png"))]
+    curves = plot_training_curves(data, os.path.join(out_dir, "quality_training_curves.png"), log)
+    if curves:
+        data["plots"].append(curves)
+    return quality_markdown(data, opts, curves), data
+
+
+def extract_quality(run_dir: str, summary: dict) -> dict:
+    evals = [r for r in results_lines(run_dir) if "builtin/mean_top1" in r]
+    return {"metrics": evals[-1] if evals else {}}
+
+
+def quality_columns() -> list[tuple[str, str]]:
+    return ([("builtin/mean_top1", "zero-shot mean top-1")] + [(f"builtin/{t}/top1", t) for t in TASKS]
+            + [(R1_KEYS[0], "R@1 image→text"), (R1_KEYS[1], "R@1 text→image")])
+
+
+def quality_markdown(data: dict, opts, curves: str | None) -> str:
+    lines = ["## 3. Quality at a fixed budget", ""]
+    lines.append(f"Table 1 in miniature: every method sees {data['samples']} samples (batch {data['batch']}, "
+                 f"{data['samples'] // data['n']} epochs of the built-in synthetic data, n = {data['n']}), seeds "
+                 f"{', '.join(map(str, data['seeds']))}; then zero-shot top-1 on the built-in held-out tasks "
+                 f"(`builtin/mean_top1` and per task; relation = choosing among 4 candidate captions) and retrieval "
+                 f"R@1 on the built-in held-out retrieval split (training.evaluation). Mean ± sample sd over seeds "
+                 f"(one seed: no sd). Same lr ({opts.lr}), wd 0.1, 10% warm-up, cosine schedule for every method; "
+                 f"NeuCLIP m = {opts.npn_protos}, T_u = 10, T_r = {opts.npn_restart}.")
+    lines.append("")
+    columns = quality_columns()
+    rows = []
+    for family in data["methods"]:
+        runs = [r for r in data["runs"] if r["method"] == family]
+        cells = [fmt_pm(*mean_std([100 * r["metrics"][k] for r in runs if k in r["metrics"]]), 3) for k, _ in columns]
+        secs = mean_std([r["seconds"] for r in runs if "seconds" in r])[0]
+        rows.append([METHOD_LABELS[family], *cells, f"{secs:.0f}"])
+    lines += [markdown_table(["method", *(c for _, c in columns), "wall s / run"], rows), ""]
+    lines.append("Accuracies and recalls in %. Wall time per run includes evaluation and is as noisy as the machine.")
+    missing = [f"{r['key']} seed {r['seed']}" for r in data["runs"] if not r["metrics"]]
+    if missing:
+        lines += ["", "**No evaluation record for:** " + ", ".join(missing)]
+    lines += ["", "![quality](quality.png)", ""]
+    if curves:
+        lines += [f"Training curves of the seed-{data['seeds'][0]} runs (scripts/plot_runs.py):", "",
+                  f"![training curves]({os.path.basename(curves)})", ""]
+    return "\n".join(lines)
+
+
+def plot_quality(data: dict, path: str) -> str:
+    plt = pyplot()
+    panels = [("builtin/mean_top1", "zero-shot mean top-1 (%)"), ("R@1", "retrieval R@1, mean of both directions (%)")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    methods = data["methods"]
+    for ax, (key, title) in zip(axes, panels):
+        for i, family in enumerate(methods):
+            values = []
+            for r in (r for r in data["runs"] if r["method"] == family):
+                m = r["metrics"]
+                if key == "R@1" and all(k in m for k in R1_KEYS):
+                    values.append(50 * (m[R1_KEYS[0]] + m[R1_KEYS[1]]))
+                elif key in m:
+                    values.append(100 * m[key])
+            mean, sd = mean_std(values)
+            ax.bar(i, mean, 0.6, yerr=0 if math.isnan(sd) else sd, capsize=3, color="tab:gray", alpha=0.6)
+            ax.plot([i] * len(values), values, "k.", markersize=5)
+        ax.set_xticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{data['samples']} samples seen, batch {data['batch']}; bars: mean ± sd over seeds, dots: seeds",
+                 fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_training_curves(data: dict, path: str, log) -> str | None:
+    """scripts/plot_runs.py's grid for the first seed of each method (it is optional: a failure is logged)."""
+    script = os.path.join(REPO_ROOT, "scripts", "plot_runs.py")
+    if not os.path.exists(script):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("bench_plot_runs", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        seed = data["seeds"][0]
+        runs = [module.load_run(r["run_dir"], r["label"]) for r in data["runs"] if r["seed"] == seed]
+        module.plot(runs, path)
+        return path
+    except Exception as exc:  # noqa: BLE001
+        log(f"  scripts/plot_runs.py could not plot the training curves: {type(exc).__name__}: {exc}")
+        return None
