@@ -297,8 +297,8 @@ def summarize(results: dict, reference_key: str | None) -> dict:
         for name in (*PHASES, "total", "npn_inner"):
             values = [s[name] for s in steps if not math.isnan(s[name])]
             entry[name] = {"median": median(values), "iqr": iqr(values)} if values else None
-        parts = sum(entry[p]["median"] for p in PHASES)
-        entry["other_median"] = entry["total"]["median"] - parts
+        others = [s["total"] - sum(s[p] for p in PHASES) for s in steps]
+        entry["other_median"] = median(others)
         if ref:
             ratios = [s["total"] / r["total"] for s, r in zip(steps, ref)]
             entry["ratio"] = {"median": median(ratios), "iqr": iqr(ratios)}
@@ -350,8 +350,39 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux: /proc/self/clear_refs 5); returns the
+    current RSS in bytes, or None where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    rss = _status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process image in bytes: VmHWM (which clear_refs resets) where /proc has it, else
+    getrusage's ru_maxrss (which survives fork + exec: it then includes the parent's peak)."""
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else max_rss_bytes()
+
+
 def memory_probe(config: dict) -> dict:
-    """In a fresh process: model and batches first, then the method; max RSS before and after its steps."""
+    """In a fresh process: model and batches first, then the peak mark is reset, the method built and its
+    steps run; the increase of peak RSS over the RSS at the reset is the method's training memory."""
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
     device = torch.device("cpu")
@@ -359,14 +390,16 @@ def memory_probe(config: dict) -> dict:
     batches = make_batches(preprocess, tokenizer, config["batch"], config["batches"], device)
     spec = MethodSpec(**{**config["spec"], "flags": tuple(config["spec"]["flags"])})
     gc.collect()
-    before = max_rss_bytes()
+    current = reset_peak_rss()
+    before = current if current is not None else peak_rss()
     runner = Runner.build(spec, model, config["model"], config["batch"], "fp32",
                           data_size_for(config["batch"], config["batches"]), device)
     clock = clock_for(device)
     for i in range(config["steps"]):
         runner.step_once(batches[i % len(batches)], clock, CommTimer(clock))
-    after = max_rss_bytes()
-    return {"rss_before": before, "rss_after": after, "delta": after - before}
+    after = peak_rss()
+    return {"rss_before": before, "rss_after": after, "delta": after - before,
+            "how": "VmHWM after clear_refs" if current is not None else "ru_maxrss"}
 
 
 def run_memory_probes(specs: list[MethodSpec], model: str, batch: int, batches: int, steps: int, threads: int,
@@ -660,9 +693,12 @@ def cost_markdown(data: dict, specs: list[MethodSpec], profiles: dict) -> str:
     if data.get("memory"):
         rows = [[s.label, human_bytes(data["memory"][s.key].get("delta", math.nan)),
                  human_bytes(data["memory"][s.key].get("rss_after", math.nan))] for s in specs]
-        lines += ["Peak memory (CPU): each method in its own process; max RSS after model + batches were built, "
-                  "then after the method was built and ran its steps (`resource.getrusage`):", "",
-                  markdown_table(["method", "max RSS increase", "max RSS"], rows), ""]
+        how = {m.get("how") for m in data["memory"].values() if "how" in m}
+        lines += ["Peak memory (CPU): each method in its own process (model and batches built first, then the peak "
+                  "mark reset; the method built and its steps run): peak RSS increase over the RSS at the reset "
+                  f"({', '.join(sorted(how)) or 'failed'}; Linux's `/proc/self/clear_refs` + VmHWM, because "
+                  "`getrusage`'s ru_maxrss survives fork + exec and would report the parent's peak):", "",
+                  markdown_table(["method", "peak RSS increase", "peak RSS"], rows), ""]
     elif data.get("gpu_peak_bytes"):
         rows = [[s.label, human_bytes(data["gpu_peak_bytes"][s.key])] for s in specs]
         lines += ["Peak GPU memory of a step beyond what was allocated before it (`max_memory_allocated`):", "",
