@@ -15,6 +15,13 @@ class Features:
     `logit_scale` is exp(model.logit_scale) = 1/τ (with gradient when the temperature is learnt),
     `keys` the samples' integer keys. The gathered views are computed on first use, so a method
     that does not need them (open_clip's ClipLoss gathers on its own) costs no collective.
+
+    Gradient accumulation (`micro_batch`) hands a method the whole effective batch k times, each
+    time with one micro-batch's rows carrying gradient; the gradients of the k passes sum to the
+    effective batch's. Quantities of the step rather than of rows — the temperature, an estimator's
+    network, SigLIP's bias — must be differentiated in exactly one pass: the one whose
+    `carries_step_gradient` is True. `extras` is shared by all passes of a step, so a method caches
+    per-step work there (estimates, moving-average updates) and does it once.
     """
 
     image: torch.Tensor
@@ -24,6 +31,7 @@ class Features:
     step: int = 0
     epoch: int = 0
     extras: dict = field(default_factory=dict)
+    carries_step_gradient: bool = True
 
     @cached_property
     def all_image(self) -> torch.Tensor:
@@ -44,6 +52,20 @@ class Features:
     @property
     def global_batch_size(self) -> int:
         return self.image.shape[0] * comm.world_size()
+
+    def micro_batch(self, rows: slice, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                    carries_step_gradient: bool) -> "Features":
+        """This step's features with `rows` of the local batch replaced by a recomputation that carries
+        gradient (gradient accumulation). Gathered views and `extras` are shared, not recomputed."""
+        def splice(cached: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+            return torch.cat([cached[:rows.start].detach(), fresh, cached[rows.stop:].detach()])
+
+        pass_feats = type(self)(image=splice(self.image, image), text=splice(self.text, text),
+                                logit_scale=logit_scale if carries_step_gradient else logit_scale.detach(),
+                                keys=self.keys, step=self.step, epoch=self.epoch, extras=self.extras,
+                                carries_step_gradient=carries_step_gradient)
+        pass_feats.__dict__.update(all_image=self.all_image, all_text=self.all_text, all_keys=self.all_keys)
+        return pass_feats
 
     @classmethod
     def precomputed(cls, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,

@@ -53,6 +53,7 @@ from .features import Features
 from .temperature import build_temperature, per_sample_tau_gradient
 
 _BATCH_CACHE_KEY = "gcl.batch"
+_ESTIMATE_CACHE_KEY = "gcl.estimate"
 
 
 def log_objective(a: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
@@ -128,7 +129,7 @@ class GlobalContrastiveMethod(ContrastiveMethod):
     def forward(self, feats: Features) -> LossOutput:
         batch = self._batch(feats)
         stats = batch.stats
-        estimate = self.estimator.estimate(feats, stats)
+        estimate = self._estimate(feats, stats)
         a_img = finite_estimates(estimate.a_img, stats.log_norm_img)
         a_txt = finite_estimates(estimate.a_txt, stats.log_norm_txt)
         values_img = self._objective_values(a_img, stats.log_norm_img)
@@ -142,7 +143,7 @@ class GlobalContrastiveMethod(ContrastiveMethod):
                                  log_normalizers=(stats.log_norm_img, stats.log_norm_txt))
         objective = (factor_img * (values_img + rho)).mean() + (factor_txt * (values_txt + rho)).mean()
         loss = data + objective
-        if estimate.extra_loss is not None:
+        if estimate.extra_loss is not None and feats.carries_step_gradient:
             loss = loss + estimate.extra_loss
         if self.temperature.learns_per_sample:
             self._pending_tau_gradients = self._tau_gradients(feats, batch, (a_img, a_txt),
@@ -178,6 +179,13 @@ class GlobalContrastiveMethod(ContrastiveMethod):
         if use_cache:
             feats.extras[_BATCH_CACHE_KEY] = batch
         return batch
+
+    def _estimate(self, feats: Features, stats: BatchStats):
+        """The estimator's estimate, once per step: it may update state (the moving average), and
+        gradient accumulation calls `forward` once per micro-batch with the same step's features."""
+        if _ESTIMATE_CACHE_KEY not in feats.extras:
+            feats.extras[_ESTIMATE_CACHE_KEY] = self.estimator.estimate(feats, stats)
+        return feats.extras[_ESTIMATE_CACHE_KEY]
 
     def _tau_gradients(self, feats: Features, batch: _Batch, a, values):
         """Per-sample τ gradients of this rank's anchors (image rows, text columns of the similarity)."""

@@ -31,8 +31,8 @@ class SigLipMethod(ContrastiveMethod):
         self.loss_fn = SigLipLoss(rank=comm.rank(), world_size=comm.world_size())
 
     def forward(self, feats: Features) -> LossOutput:
-        loss = self.loss_fn(fp32(feats.image), fp32(feats.text), fp32(feats.logit_scale),
-                            self.logit_bias.float())
+        bias = self.logit_bias if feats.carries_step_gradient else self.logit_bias.detach()
+        loss = self.loss_fn(fp32(feats.image), fp32(feats.text), fp32(feats.logit_scale), bias.float())
         return LossOutput(loss, {"contrastive_loss": loss.detach(),
                                  "logit_bias": self.logit_bias.detach()})
 
@@ -47,7 +47,8 @@ def _build_openclip(args, model):
 
 @register("siglip")
 def _build_siglip(args, model):
-    return SigLipMethod()
+    # SigLIP's initialisation (and open_clip's with --siglip): t = log 10, b = −10.
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+    return SigLipMethod(init_bias=-10.0)
 
-
-SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
