@@ -300,12 +300,20 @@ def test_resume_with_another_world_size_or_batch_size_warns_and_maps_the_positio
     assert [s for s, _ in summary["history"]] == [7]
 
 
-def test_checkpoint_of_another_model_is_refused_naming_it(tmp_path):
-    other = open_clip.create_model("neuclip-tiny").state_dict()
-    other["text_projection"] = torch.zeros(64, 32)
-    torch.save({"state_dict": other}, tmp_path / "other.pt")
-    with pytest.raises(RuntimeError, match=r"other\.pt does not fit --model neuclip-tiny.*another --model"):
-        main(flags(tmp_path, "other", "openclip", "--resume", str(tmp_path / "other.pt")))
+def test_checkpoint_of_another_model_or_method_or_nowhere(tmp_path, caplog):
+    model = open_clip.create_model("neuclip-tiny")
+    other = dict(model.state_dict(), text_projection=torch.zeros(64, 32))
+    torch.save({"state_dict": other}, tmp_path / "other_model.pt")
+    with pytest.raises(RuntimeError, match=r"other_model\.pt does not fit --model neuclip-tiny.*another --model"):
+        main(flags(tmp_path, "model", "openclip", "--resume", str(tmp_path / "other_model.pt")))
+    with pytest.raises(FileNotFoundError, match=r"--resume \S*nowhere\.pt: no such checkpoint file"):
+        main(flags(tmp_path, "nowhere", "openclip", "--resume", str(tmp_path / "nowhere.pt")))
+    torch.save({"state_dict": model.state_dict(), "optimizer": {}, "method_name": "gcl", "step": 0},
+               tmp_path / "fastclip.pt")
+    caplog.set_level(logging.WARNING)
+    summary = main(flags(tmp_path, "method", "openclip", "--epochs", "1", "--resume", str(tmp_path / "fastclip.pt")))
+    assert "trained with method gcl, this run uses openclip: only the model weights are restored" in caplog.text
+    assert summary["step"] == STEPS_PER_EPOCH
 
 
 @pytest.mark.parametrize("extra, message", [

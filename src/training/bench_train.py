@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 from .bench_common import (METHOD_LABELS, REPO_ROOT, fmt, fmt_pm, markdown_table, mean_std, method_spec, pyplot,
@@ -128,7 +129,8 @@ def run_error(opts, out_dir: str, log) -> tuple[str, dict]:
             def extract(run_dir, summary, steps=steps, reference=reference):
                 return extract_errors(run_dir, steps, reference, opts.device, log)
             result = run_once(flags, os.path.join(logs, name), opts.reuse, extract, log)
-            runs.append({"method": family, "key": spec.key, "label": spec.label, **setting, "reference": reference,
+            runs.append({"method": family, "key": spec.key, "label": spec.label, "batch": b, "n": n,
+                         "setting": setting["label"], "reference": reference,
                          "steps": steps, "restart_every": opts.npn_restart if family == "neuclip" else None, **result})
     data = {"runs": runs, "samples": samples, "checkpoints": count, "settings": settings,
             "methods": opts.error_methods, "n": opts.error_n}
@@ -162,14 +164,28 @@ def extract_errors(run_dir: str, steps: list[int], reference: int, device: str, 
 _REFERENCES: dict = {}
 
 
+def checkpoint_at(run_dir: str, step: int) -> str:
+    """iter_{step}.pt, else the epoch checkpoint taken at that step (the last step's is an epoch_N.pt)."""
+    import torch  # noqa: PLC0415
+    folder = os.path.join(run_dir, "checkpoints")
+    path = os.path.join(folder, f"iter_{step}.pt")
+    if os.path.exists(path):
+        return path
+    for candidate in sorted(glob.glob(os.path.join(folder, "epoch_*.pt"))):
+        try:
+            if int(torch.load(candidate, map_location="cpu", weights_only=True, mmap=True).get("step", -1)) == step:
+                return candidate
+        except Exception:  # noqa: BLE001,S112  (an unreadable file is just not the one)
+            continue
+    raise FileNotFoundError(f"no results.jsonl record and no checkpoint of step {step} in {folder}")
+
+
 def error_from_checkpoint(run_dir: str, step: int, reference: int, device: str) -> dict:
     """The diagnostic on checkpoints/iter_{step}.pt, as `python -m training.diagnostics --iter` computes it."""
     import torch  # noqa: PLC0415
 
     from . import diagnostics as diag  # noqa: PLC0415
-    path = os.path.join(run_dir, "checkpoints", f"iter_{step}.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"neither a results.jsonl record nor {path}")
+    path = checkpoint_at(run_dir, step)
     args = diag.run_args(run_dir)
     dev = torch.device(device)
     args.device, args.rank, args.is_master = str(dev), 0, True
@@ -232,18 +248,20 @@ def error_markdown(data: dict, opts) -> str:
     lines += ["", "Mean bias (a_i − t_i, image and text averaged) over the same checkpoints: a systematic offset "
               "(the mini-batch estimate's Jensen gap, stale moving averages) as opposed to noise:", "",
               markdown_table(["method", *(s["label"] for s in settings)], bias_rows), ""]
-    lines.append("Where the checkpoints fall (steps; NeuCLIP's restarts at steps 0, T_r, 2T_r, …; FastCLIP's γ is 1 "
-                 "through epoch 0, so its u is the latest batch value until the data set has been seen once):")
+    lines.append("Where the checkpoints fall: optimizer steps done · epochs done · steps since NeuCLIP's last NPN "
+                 f"restart (restarts run at steps 0, T_r, 2·T_r, …; T_r = {opts.npn_restart}). FastCLIP's γ is 1 "
+                 "throughout epoch 0, so before the data set has been seen once its u is the latest batch value.")
     lines.append("")
+    header = ["setting", *(f"checkpoint {k} ({k * data['samples'] // data['checkpoints']} samples)"
+                           for k in range(1, data["checkpoints"] + 1))]
+    rows = []
     for s in settings:
         steps = checkpoint_steps(data["samples"], data["checkpoints"], s["batch"])
-        parts = []
-        for step in steps:
-            since = _since_restart(step, opts.npn_restart)
-            parts.append(f"{step} (epoch {step * s['batch'] / s['n']:.2f}, {since} steps after the last NPN restart)")
-        lines.append(f"- {s['label']}: " + "; ".join(parts))
+        rows.append([s["label"], *(f"{st} · {st * s['batch'] / s['n']:.2f} · {_since_restart(st, opts.npn_restart)}"
+                                   for st in steps)])
+    lines += [markdown_table(header, rows), ""]
     sources = {r2["source"] for r in runs for r2 in r["scheduled"]}
-    problems = [f"{r['key']} {r['label'] if 'label' in r else ''}: {p}" for r in runs for p in r.get("problems", [])]
+    problems = [f"{r['label']}, {r['setting']}: {p}" for r in runs for p in r.get("problems", [])]
     lines += ["", "Source of the values: " + ", ".join(sorted(sources)) + "."]
     if problems:
         lines += ["", "**Missing values:**", *(f"- {p}" for p in problems)]
@@ -406,9 +424,12 @@ def plot_training_curves(data: dict, path: str, log) -> str | None:
     if not os.path.exists(script):
         return None
     try:
-        spec = importlib.util.spec_from_file_location("bench_plot_runs", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = sys.modules.get("bench_plot_runs")
+        if module is None:
+            spec = importlib.util.spec_from_file_location("bench_plot_runs", script)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["bench_plot_runs"] = module  # its dataclasses look their module up there
+            spec.loader.exec_module(module)
         seed = data["seeds"][0]
         runs = [module.load_run(r["run_dir"], r["label"]) for r in data["runs"] if r["seed"] == seed]
         module.plot(runs, path)

@@ -10,12 +10,11 @@ a stable id per sample (the .json "key" or numeric __key__ in shards, the 0-base
 is what per-sample loss state is indexed by. Training batches always hold exactly --batch-size samples.
 
 Resuming mid-epoch: `info.set_epoch(epoch, start_batch=k)` makes the next pass yield batches k, k+1, ...
-of that epoch, the same batches (and augmentations) an uninterrupted run gets there. Every source of
-randomness is a pure function of (seed, epoch, rank, worker) or (seed, epoch, sample): samplers and
-shard/sample shuffles are seeded per epoch, the DataLoader's worker seeds come from a generator reseeded
-per epoch (so creating an iterator never draws from the global RNG), and a training sample's random
-augmentation runs with the RNGs seeded from (seed, epoch, its key or index). Map-style data sets skip the
-consumed batches in the sampler, without loading them; shard pipelines read and drop them.
+of that epoch, the same batches and augmentations an uninterrupted run gets: every random choice is a
+function of (seed, epoch, rank, worker) or of (seed, epoch, sample) (`training.data_position`), and the
+DataLoader's worker seeds come from a generator reseeded per epoch, so creating an iterator never draws
+from the global RNG. Map-style data sets skip consumed batches in the sampler; shard pipelines read and
+drop them.
 
 Damaged data is skipped, logged and counted inside the DataLoader workers (one count per damaged
 sample, or per damaged shard tail). The counts travel as a 4th batch element (skips since that worker's
@@ -25,24 +24,24 @@ shared memory, and it works with --workers 0. Start-up checks and damage handlin
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import multiprocessing
 import random
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable
 
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from training.data_checks import (DataConfigError, KeyRangeCheck, SkipLog, SkipUnreadable, UnusableSample,
                                   check_enough_shards, check_images_reachable, check_shards_exist, column_indices,
                                   expand_shard_urls, per_sample_state_size, require_train_num_samples,
                                   shard_sample_key, tarfile_to_samples)
+from training.data_position import (PerSampleRandomness, ResumableSampler, SeededItems, sample_seed,
+                                    stream_seed)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_MEMBERS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))  # tar members worth keeping in memory
@@ -150,39 +149,6 @@ class DataInfo:
 def worker_id() -> int:
     info = get_worker_info()
     return info.id if info is not None else 0  # --workers 0: the main process is the only reader
-
-
-def stream_seed(*parts) -> str:
-    # random.Random hashes str seeds with SHA-512: streams for neighbouring (epoch, rank, worker)
-    # tuples are unrelated, and the same tuple gives the same stream in any process.
-    return "/".join(map(str, parts))
-
-
-def sample_seed(*parts) -> int:
-    """A 63-bit integer seed from a tuple, the same in every process (no hash randomisation)."""
-    digest = hashlib.blake2b(stream_seed(*parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class PerSampleRandomness:
-    """Runs a function with torch's CPU generator and Python's `random` seeded from (seed, epoch, sample),
-    then puts both back: a sample's random augmentation depends on nothing else (not the worker, the
-    number of workers, the rank, or which batches a resumed pass skipped), and the calling process's own
-    random streams are untouched (with --workers 0 that is the training process)."""
-
-    def __init__(self, seed: int, shared_epoch: SharedEpoch):
-        self.seed, self.shared_epoch = seed, shared_epoch
-
-    def __call__(self, sample: int, fn: Callable, *args):
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            seed = sample_seed("augment", self.seed, self.shared_epoch.get(), sample)
-            torch.default_generator.manual_seed(seed)  # CPU only: CUDA's generator is not touched
-            random.seed(seed)
-            try:
-                return fn(*args)
-            finally:
-                random.setstate(python_state)
 
 
 def tokenize_one(tokenizer, caption: str) -> torch.Tensor:
@@ -395,33 +361,6 @@ class CsvCaptions(Dataset):
 
 def field(row: list[str], column: int) -> str:
     return row[column] if column < len(row) else ""
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start a pass `start` indices in (resume), without loading the items
-    before it. Its global order does not depend on the world size: rank r takes positions r, r + W, ...
-    of one permutation, so global batch t is positions [t·B·W, (t+1)·B·W) for any W."""
-
-    start = 0
-
-    def __iter__(self):
-        return islice(super().__iter__(), self.start, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class SeededItems(Dataset):
-    """A map-style training set whose item i is loaded (and augmented) under PerSampleRandomness(i)."""
-
-    def __init__(self, dataset: Dataset, randomness: PerSampleRandomness):
-        self.dataset, self.randomness = dataset, randomness
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, idx: int):
-        return self.randomness(idx, self.dataset.__getitem__, idx)
 
 
 def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedEpoch) -> DataInfo:

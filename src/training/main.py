@@ -17,7 +17,6 @@ instead). SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.p
 what each gives: docs/FAULTS.md.
 """
 import logging
-import math
 import os
 import random
 import sys
@@ -109,9 +108,7 @@ def main(argv=None) -> dict:
     signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
     try:
         return train(args, info, signals)
-    except Preempted:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # not Preempted: a SystemExit
         report_failure(exc)  # distributed runs: names the ranks that failed, and how
         raise
     finally:
