@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from argparse import Namespace
 
 import open_clip
 import pytest
@@ -25,7 +26,8 @@ from training.checkpoint import read_checkpoint
 from training.data import get_data
 from training.main import main
 from training.params import parse_args
-from training.preemption import EXIT_REQUEUE
+from training import preemption
+from training.preemption import EXIT_REQUEUE, StepCheckpoints, StopSignals, slurm_job_id
 from training.synthetic import write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +122,7 @@ def test_kill9_mid_epoch_then_same_command_continues_exactly(tmp_path, baselines
 
     summary = main(argv)  # the same command: resumes from the newest valid checkpoint
     start = resumed_step(tmp_path / "run")
-    assert start % 3 == 0 and 6 <= start < STEPS_PER_EPOCH * EPOCHS
+    assert (start % 3 == 0 or start == STEPS_PER_EPOCH) and 6 <= start < STEPS_PER_EPOCH * EPOCHS  # iter_, epoch_1
     assert_same_losses(summary["history"], baselines(method), start + 1)
     assert not glob.glob(str(ckpts / "*.tmp*"))
 
@@ -132,12 +134,14 @@ def test_signal_checkpoints_exits_75_and_relaunch_finishes_exactly(tmp_path, bas
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     (bin_dir / "scontrol").chmod(0o755)
     env = clean_env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    argv = flags(tmp_path, "run", method)  # no periodic checkpoints: the signal's is the only one
+    # No periodic checkpoints: the signal's is the only one. A DataLoader worker, which gets the signal too
+    # (slurm signals every process of the step; here: the process group), must not fail the step.
+    argv = flags(tmp_path, "run", method, "--workers", "1")
     run = tmp_path / "run"
-    proc = launch(argv, tmp_path / "signalled.log", env=env)
+    proc = launch(argv, tmp_path / "signalled.log", env=env, start_new_session=True)
     wait_until(lambda: (run / "out.log").exists() and "Train Epoch: 0 [3/8" in (run / "out.log").read_text(),
                [proc], what="step 3")
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     assert proc.wait(60) == EXIT_REQUEUE, (tmp_path / "signalled.log").read_text()[-3000:]
     written = glob.glob(str(run / "checkpoints" / "iter_*.pt"))
     assert len(written) == 1
@@ -146,9 +150,29 @@ def test_signal_checkpoints_exits_75_and_relaunch_finishes_exactly(tmp_path, bas
     requeued = (tmp_path / "scontrol.log").read_text().split() if (tmp_path / "scontrol.log").exists() else []
     assert requeued == (["requeue", "4242"] if sig == signal.SIGUSR1 else [])
 
-    summary = main(argv)
+    summary = main(argv)  # workers 1 or 0, the same batches: augmentations are per sample
     assert resumed_step(run) == step
     assert_same_losses(summary["history"], baselines(method), step + 1)
+
+
+def test_checkpoint_schedule_by_steps_minutes_and_signal(monkeypatch):
+    clock, saved = [0.0], []
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])
+    args = Namespace(save_every_n_steps=5, save_every_n_minutes=1.0, no_requeue=False, is_master=True)
+    signals = StopSignals()
+    control = StepCheckpoints(args, signals, lambda position: saved.append(position) or "ckpt.pt", "cpu")
+    assert not control.after_step(1, 0, 1, 8) and saved == []
+    clock[0] = 61.0  # a minute since the start: due
+    assert not control.after_step(2, 0, 2, 8) and saved == [{"epoch": 0, "batch": 2}]
+    clock[0] = 100.0  # 39 s since that checkpoint: not due; step 5: due
+    assert not control.after_step(3, 0, 3, 8) and len(saved) == 1
+    assert not control.after_step(5, 0, 5, 8) and saved[-1] == {"epoch": 0, "batch": 5}
+    signals.code = 1  # what the SIGTERM handler sets
+    assert not control.after_step(8, 0, 8, 8)  # the epoch's last step: left to at_epoch_end
+    assert control.at_epoch_end(8, 1) and saved[-1] == {"epoch": 1, "batch": 0}
+    assert control.stopped_at == (8, "ckpt.pt")
+    assert slurm_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "3"}) == "7_3"
+    assert slurm_job_id({}) is None
 
 
 def tensorboard_losses(run_dir, tag="train/loss") -> list[dict]:
@@ -276,6 +300,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, base
     assert [s for s, _ in summary["history"]] == [5, 6, 7, 8]
     baseline = baselines("openclip")
     assert all(terms == baseline[s] for s, terms in summary["history"])
+    assert sorted(os.listdir(ckpts)) == ["iter_4.pt", "iter_50.pt.corrupt", "iter_6.pt", "iter_6.pt.corrupt"]
+    # Going back explicitly sets the newer checkpoints aside: a later automatic resume must not return to them.
+    main([*argv, "--resume", str(ckpts / "iter_4.pt"), "--stop_epochs", "0"])
+    assert "iter_6.pt is from beyond step 4, where this run resumes; renamed to iter_6.pt.superseded" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ bad input

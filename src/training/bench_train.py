@@ -74,7 +74,7 @@ def run_once(flags: list[str], run_dir: str, reuse: bool, extract, log) -> dict:
     summary = main(flags)
     seconds = time.perf_counter() - start
     result = extract(run_dir, summary)
-    result.update(seconds=seconds, steps=summary["step"], skipped_nonfinite=summary["skipped_nonfinite"])
+    result.update(seconds=seconds, train_steps=summary["step"], skipped_nonfinite=summary["skipped_nonfinite"])
     for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
         os.remove(path)
     with open(marker, "w") as f:
@@ -130,7 +130,7 @@ def run_error(opts, out_dir: str, log) -> tuple[str, dict]:
                 return extract_errors(run_dir, steps, reference, opts.device, log)
             result = run_once(flags, os.path.join(logs, name), opts.reuse, extract, log)
             runs.append({"method": family, "key": spec.key, "label": spec.label, "batch": b, "n": n,
-                         "setting": setting["label"], "reference": reference,
+                         "setting": setting["label"], "reference": reference, "run_dir": os.path.join(logs, name),
                          "steps": steps, "restart_every": opts.npn_restart if family == "neuclip" else None, **result})
     data = {"runs": runs, "samples": samples, "checkpoints": count, "settings": settings,
             "methods": opts.error_methods, "n": opts.error_n}
@@ -157,7 +157,9 @@ def extract_errors(run_dir: str, steps: list[int], reference: int, device: str, 
         scheduled.append({"step": step, "source": source, **{k: record.get(k) for k in
                           ("est_err/mean", "est_err/image", "est_err/text", "est_bias/image", "est_bias/text",
                            "epoch", "samples_seen")}})
-    curve = sorted(((int(r["step"]), r[EST_KEY]) for r in records), key=lambda x: x[0])
+    points = {int(r["step"]): r[EST_KEY] for r in records}
+    points.update({r["step"]: r[EST_KEY] for r in scheduled if r.get(EST_KEY) is not None})
+    curve = sorted(points.items())
     return {"scheduled": scheduled, "curve": curve, "problems": problems}
 
 
@@ -292,18 +294,20 @@ def plot_error_bars(data: dict, path: str) -> str:
     width = 0.8 / len(settings)
     colours = plt.get_cmap("tab20c").colors
     for j, s in enumerate(settings):
-        means, errs = [], []
+        means, points = [], []
         for family in methods:
             run = find.get((family, s["batch"], s["n"]))
-            m, sd = mean_error(run) if run else (math.nan, math.nan)
-            means.append(m)
-            errs.append(0 if math.isnan(sd) else sd)
+            means.append(mean_error(run)[0] if run else math.nan)
+            points.append([r[EST_KEY] for r in (run or {}).get("scheduled", []) if r.get(EST_KEY) is not None])
         xs = [i + (j - (len(settings) - 1) / 2) * width for i in range(len(methods))]
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=s["label"], color=colours[[0, 1, 4, 5][j % 4]])
+        ax.bar(xs, means, width, label=s["label"], color=colours[[0, 1, 4, 5][j % 4]])
+        for x, ys in zip(xs, points):
+            ax.plot([x] * len(ys), ys, "k.", markersize=3)
     ax.set_xticks(range(len(methods)), [METHOD_LABELS[m] for m in methods])
     ax.set_ylabel(f"estimation error (mean of {data['checkpoints']} checkpoints)")
     ax.set_yscale("log")
-    ax.set_title(f"Estimation error of log-normalizers, {data['samples']} samples seen per run", fontsize=10)
+    ax.set_title(f"Estimation error of log-normalizers, {data['samples']} samples seen per run\n"
+                 "bars: mean over checkpoints; dots: the checkpoints", fontsize=10)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 

@@ -11,7 +11,9 @@ Files: `epoch_N.pt` / `epoch_latest.pt` at epoch ends (open_clip's --save-freque
 and `iter_{step}.pt` mid-run (--save-every-n-steps, --save-every-n-minutes, preemption), of which the last
 --keep-last-k are kept. Each is written to a temporary name, fsynced and renamed, so a crash never leaves
 a half-written file under a real name. Resuming picks the checkpoint with the highest step that loads
-and has every required key; a damaged newer one is skipped with a warning naming it.
+and has every required key; a damaged newer one is skipped with a warning naming it and renamed to
+NAME.corrupt. Checkpoints from beyond the step a run resumes at (an explicit --resume of an older file)
+are renamed to NAME.superseded, so that a later automatic resume does not jump back to them.
 """
 import glob
 import logging
@@ -192,15 +194,31 @@ class CheckpointManager:
             try:  # mmap: only the pickled metadata is read here, to order by step
                 step = int(read_checkpoint(path, mmap=True)["step"])
             except ValueError as exc:
-                log.warning("%s: skipping it", exc)
+                self._set_aside(path, ".corrupt", f"{exc}: skipping it")
                 continue
             candidates.append((step, bool(match.group(1)), path))  # same step: iter_N.pt first
         for _, _, path in sorted(candidates, reverse=True):
             try:
                 return path, read_checkpoint(path)
             except ValueError as exc:
-                log.warning("%s: falling back to the previous checkpoint", exc)
+                self._set_aside(path, ".corrupt", f"{exc}: falling back to the previous checkpoint")
         return None, None
+
+    def supersede_newer(self, step: int) -> None:
+        """Rank 0, resuming at `step`: this folder's checkpoints from beyond it are another trajectory's."""
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            try:
+                newer = CHECKPOINT_NAME.match(name) and read_checkpoint(path, ("step",), mmap=True)["step"] > step
+            except ValueError:
+                continue
+            if newer:
+                self._set_aside(path, ".superseded", f"{path} is from beyond step {step}, where this run resumes")
+
+    @staticmethod
+    def _set_aside(path: str, suffix: str, why: str) -> None:
+        log.warning("%s; renamed to %s", why, os.path.basename(path) + suffix)
+        os.replace(path, path + suffix)
 
     def resolve(self, resume: str | None) -> tuple[str | None, dict | None]:
         """(path, contents) that --resume names ('latest': the newest valid in this run folder). Rank 0
@@ -213,6 +231,8 @@ class CheckpointManager:
                 raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
             else:
                 path, ckpt = resume, read_checkpoint(resume, required=("state_dict",))
+            if ckpt is not None:
+                self.supersede_newer(int(ckpt.get("step", 0)))
         return broadcast_object(path), ckpt
 
     def load(self, path: str, ckpt: dict | None, device) -> dict:

@@ -28,6 +28,7 @@ import io
 import math
 import multiprocessing
 import random
+import signal
 from dataclasses import dataclass
 from itertools import islice
 
@@ -149,6 +150,14 @@ class DataInfo:
 def worker_id() -> int:
     info = get_worker_info()
     return info.id if info is not None else 0  # --workers 0: the main process is the only reader
+
+
+def ignore_stop_signals(worker: int) -> None:
+    """worker_init_fn: slurm signals every process of a job step, and PyTorch's workers die of a SIGTERM
+    their parent did not send, failing the step the training process must finish before it checkpoints
+    (training.preemption). Ignored here; the training process stops its workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def tokenize_one(tokenizer, caption: str) -> torch.Tensor:
@@ -322,7 +331,8 @@ def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) 
         pipeline = pipeline.with_epoch(batches_per_worker)
     generator = torch.Generator()
     loader = DataLoader(WithTrailingSkipCount(pipeline, skip_log), batch_size=None, num_workers=args.workers,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator)
+                        persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
+                        worker_init_fn=ignore_stop_signals)
     return DataInfo(SkipCountingLoader(loader, num_batches, num_samples, exact=is_train), shared_epoch,
                     generator=generator, seed_parts=(args.seed, args.rank))
 
@@ -374,7 +384,8 @@ def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedE
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate_counted_samples, drop_last=is_train, persistent_workers=False,
-                        pin_memory=torch.cuda.is_available(), generator=generator)
+                        pin_memory=torch.cuda.is_available(), generator=generator,
+                        worker_init_fn=ignore_stop_signals)
     num_samples = len(loader) * args.batch_size * args.world_size if is_train else len(dataset)
     return DataInfo(SkipCountingLoader(loader, len(loader), num_samples, exact=is_train), shared_epoch, sampler,
                     generator=generator, seed_parts=(args.seed, args.rank))

@@ -38,9 +38,9 @@ class Preempted(SystemExit):
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 set a flag instead of killing the process. Forked DataLoader workers inherit the
-    handler and ignore the signal (slurm signals every process of the job step): the main process stops
-    them once it has checkpointed."""
+    """SIGTERM / SIGUSR1 set a flag instead of killing the process. Slurm signals every process of the job
+    step: DataLoader workers ignore both (training.data.ignore_stop_signals), and any other forked child
+    that inherits this handler leaves the decision to the training process."""
 
     def __init__(self):
         self.code, self._pid, self._previous = 0, os.getpid(), {}

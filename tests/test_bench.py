@@ -1,0 +1,139 @@
+"""training.bench: a smoke run of every part at tiny sizes (--quick plus smaller overrides), and its pieces."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import training.evaluation as evaluation
+from training import bench, bench_cost, bench_train
+from training.bench_common import markdown_table, method_spec, quantile
+
+TINY = ["--quick", "--workers", "0", "--no-memory",
+        "--cost-batch", "8", "--cost-warmup", "1", "--cost-repeats", "2", "--cost-data-batches", "1",
+        "--cost-methods", "openclip,neuclip", "--npn-protos", "8",
+        "--error-methods", "neuclip", "--error-batches", "4,8", "--error-n", "8", "--error-samples", "80",
+        "--error-checkpoints", "2", "--error-reference", "32",
+        "--quality-methods", "openclip", "--quality-batch", "8", "--quality-n", "16", "--quality-samples", "16"]
+
+
+@pytest.fixture
+def small_builtin_eval(monkeypatch):
+    """The built-in evaluation on 20 images per task instead of 500: the smoke test checks plumbing."""
+    monkeypatch.setattr(evaluation, "BUILTIN_N_PER_TASK", 20)
+    monkeypatch.setattr(evaluation, "BUILTIN_RETRIEVAL_N", 20)
+
+
+def test_quick_report_has_every_part(tmp_path, small_builtin_eval):
+    out = tmp_path / "bench"
+    result = bench.main(["--out", str(out), *TINY])
+    report = (out / "report.md").read_text()
+
+    # header: command, commit, versions, machine
+    assert report.startswith("# NeuCLIP benchmark report")
+    for needle in ("- Command: `PYTHONPATH=src python -m training.bench --out", "- Git commit: `",
+                   f"torch {torch.__version__}", "- Machine: ", "GPU: ", "--quick: smoke-test sizes"):
+        assert needle in report, needle
+    for title in bench.PART_TITLES.values():
+        assert f"## {title}" in report, title
+
+    # part 1: every method timed, ratios to OpenCLIP, the target stated, comm 0 on one process
+    cost = json.loads((out / "cost.json").read_text())
+    assert set(cost["summary"]) == {"openclip", "neuclip-m4096", "neuclip-m8"}
+    assert cost["summary"]["openclip"]["ratio"]["median"] == pytest.approx(1.0)
+    for key, entry in cost["summary"].items():
+        assert entry["total"]["median"] > 0, key
+        assert entry["comm"]["median"] == 0, key
+        assert len(cost["raw"][key]) == 2
+    assert cost["summary"]["neuclip-m4096"]["npn_inner"]["median"] > 0
+    assert "Target (NeuCLIP step ≤ 1.05× OpenCLIP's" in report
+    assert "*comm* is 0 by construction" in report
+    neuclip_state = next(r for r in cost["state"] if r["key"] == "neuclip-m4096" and r["dim"] == 512)
+    assert neuclip_state["per_sample_bytes"] == 0 and neuclip_state["formula_matches_allocated"]
+    assert (out / "cost_profile_neuclip-m4096.txt").read_text().strip()
+
+    # part 2: every setting has a finite error at both checkpoints
+    error = json.loads((out / "error.json").read_text())
+    assert len(error["runs"]) == 4
+    for run in error["runs"]:
+        assert [r["step"] for r in run["scheduled"]] == run["steps"], run["setting"]
+        assert all(math.isfinite(r["est_err/mean"]) for r in run["scheduled"])
+        assert not run["problems"]
+        assert not any(name.endswith(".pt") for name in os.listdir(os.path.join(run["run_dir"], "checkpoints")))
+    assert [r["steps"] for r in error["runs"]] == [[10, 20], [5, 10], [10, 20], [5, 10]]
+    assert "Missing values" not in report
+
+    # part 3: the evaluation came back
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["runs"][0]["metrics"]["builtin/mean_top1"] >= 0
+    assert "| OpenCLIP |" in report.split("## 3.")[1]
+
+    # part 4: skipped on a machine without CUDA, with a line saying so
+    if not torch.cuda.is_available():
+        assert "Skipped: no CUDA device" in report
+    for name in ("cost_step_time.png", "cost_state_size.png", "error_bars.png", "error_curves.png", "quality.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert result["report"] == str(out / "report.md")
+
+
+def test_bad_sizes_fail_before_running(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_opts(["--out", str(tmp_path), "--parts", "error", "--error-batches", "48,64", "--error-n", "100"])
+    with pytest.raises(SystemExit):
+        bench.parse_opts(["--out", str(tmp_path), "--parts", "nonsense"])
+    opts = bench.parse_opts(["--out", str(tmp_path), "--quick"])
+    assert opts.error_batches == [16, 32] and opts.seeds == [0]
+
+
+def test_state_grows_with_n_only_for_per_sample_estimators():
+    specs = [method_spec("openclip"), method_spec("fastclip"), method_spec("neuclip", protos=16, key="neuclip")]
+    rows = {r["key"]: r for r in bench_cost.state_sizes(specs, [8], [100, 1000], [10 ** 8])}
+    assert rows["openclip"]["sizes"]["100000000"]["bytes"] == 0
+    fast = rows["fastclip"]
+    assert fast["per_sample_bytes"] > 0 and fast["formula_matches_allocated"]
+    assert fast["sizes"]["100000000"]["bytes"] == fast["fixed_bytes"] + 10 ** 8 * fast["per_sample_bytes"]
+    assert fast["sizes"]["100000000"]["how"] == "computed"
+    neu = rows["neuclip"]
+    assert neu["sizes"]["100"]["bytes"] == neu["sizes"]["100000000"]["bytes"] > 16 * 8 * 4
+
+
+def test_paired_ratios_and_phase_remainder():
+    def step(total, **phases):
+        return {**dict.fromkeys(bench_cost.PHASES, 0.0), **phases, "total": total, "npn_inner": math.nan}
+    results = {"a": [step(1.0, forward=0.5), step(2.0, forward=1.0), step(1.0, forward=0.5)],
+               "b": [step(2.0, forward=1.0, before=0.5), step(4.0, forward=2.0), step(3.0, forward=1.0)]}
+    summary = bench_cost.summarize(results, "a")
+    assert summary["a"]["ratio"]["median"] == 1.0
+    assert summary["b"]["ratio"]["median"] == 2.0          # per-round ratios 2, 2, 3
+    assert summary["b"]["other_median"] == pytest.approx(2.0)  # per-step remainders 0.5, 2, 2
+    assert summary["b"]["npn_inner"] is None
+    assert quantile([1, 2, 3, 4], 0.25) == 1.75
+    assert markdown_table(["x"], [["1"]]).splitlines()[1] == "| --- |"
+
+
+def test_finished_runs_are_reused(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_main(flags):
+        calls.append(flags)
+        os.makedirs(tmp_path / "run" / "checkpoints", exist_ok=True)
+        (tmp_path / "run" / "checkpoints" / "iter_1.pt").write_bytes(b"x")
+        return {"step": 1, "skipped_nonfinite": 0, "history": [], "results": {}}
+
+    monkeypatch.setattr("training.main.main", fake_main)
+    extract = lambda run_dir, summary: {"value": 7}  # noqa: E731
+    first = bench_train.run_once(["--a"], str(tmp_path / "run"), True, extract, lambda m: None)
+    second = bench_train.run_once(["--a"], str(tmp_path / "run"), True, extract, lambda m: None)
+    assert first["value"] == second["value"] == 7 and len(calls) == 1
+    assert not (tmp_path / "run" / "checkpoints" / "iter_1.pt").exists()  # checkpoints dropped once read
+    bench_train.run_once(["--b"], str(tmp_path / "run"), True, extract, lambda m: None)
+    assert len(calls) == 2
+
+
+def test_memory_probe_reports_a_peak():
+    spec = method_spec("openclip")
+    result = bench_cost.memory_probe({"model": "neuclip-tiny", "batch": 4, "batches": 1, "steps": 1, "threads": 0,
+                                      "spec": {"key": spec.key, "family": spec.family, "label": spec.label,
+                                               "flags": list(spec.flags)}})
+    assert result["rss_after"] >= result["rss_before"] > 0 and result["delta"] >= 0
