@@ -10,7 +10,7 @@ import training.evaluation as evaluation
 from training import bench, bench_cost, bench_train
 from training.bench_common import markdown_table, method_spec, quantile
 
-TINY = ["--quick", "--workers", "0", "--no-memory",
+TINY = ["--quick", "--workers", "0", "--no-memory", "--no-estimate",
         "--cost-batch", "8", "--cost-warmup", "1", "--cost-repeats", "2", "--cost-data-batches", "1",
         "--cost-methods", "openclip,neuclip", "--npn-protos", "8",
         "--error-methods", "neuclip", "--error-batches", "4,8", "--error-n", "8", "--error-samples", "80",

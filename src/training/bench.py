@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's 4096; the data sets here are smaller than 4096 samples per restart)")
     p.add_argument("--npn-restart", type=int, default=500, help="NeuCLIP's T_r in the trainings (paper: 500)")
     p.add_argument("--reuse", action="store_true", help="reuse finished trainings in DIR/runs with identical flags")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="skip the start-up calibration that prints the estimated wall time")
     for part, names in (("cost", ("batch", "warmup", "repeats", "data_batches", "memory_steps")),
                         ("error", ("n", "samples", "checkpoints", "reference")),
                         ("quality", ("batch", "n", "samples")), ("gpu", ("batch", "warmup", "repeats"))):
@@ -219,7 +221,7 @@ def main(argv=None) -> dict:
     log(f"training.bench: parts {','.join(opts.parts)}{' (--quick)' if opts.quick else ''} -> {opts.out}")
     log(f"machine: {info['cpu']}, {info['usable_cores']} cores, torch threads {info['torch_threads']}, "
         f"GPU {', '.join(info['gpus']) or 'none'}, load average {info['load_average']}")
-    if master and not opts.dist_info.distributed:
+    if master and not opts.dist_info.distributed and opts.estimate:
         est = estimate_seconds(opts)
         parts = {k: v for k, v in est.items() if k != "calibration"}
         log("estimated time (rough, from a short calibration on this machine now): "

@@ -680,7 +680,8 @@ def cost_markdown(data: dict, specs: list[MethodSpec], profiles: dict) -> str:
     else:
         lines.append(f"*comm*: time inside torch.distributed collectives ({data['comm_wrapped']} calls wrapped), "
                      "subtracted from the phase each occurs in; DDP's gradient all-reduce overlaps backward in C++ "
-                     "and stays in *encoder bwd*.")
+                     "and stays in *encoder bwd*. NeuCLIP's `npn_time_ms` is the method's own stopwatch and includes "
+                     "its T_u all-reduces (one per NPN step), which *comm* counts too.")
     lines.append("")
     lines += _verdict(summary, specs)
     header, rows = flops_table(data["flops"], specs)
@@ -730,8 +731,9 @@ def _verdict(summary: dict, specs: list[MethodSpec]) -> list[str]:
                      f"{ratio['median']:.3f}× (IQR {ratio['iqr'][0]:.3f}–{ratio['iqr'][1]:.3f}) — "
                      f"{'met' if ok else 'MISSED'}.** "
                      f"Its step is {total * 1e3:.1f} ms vs OpenCLIP's {ref * 1e3:.1f} ms; before_encoder_step takes "
-                     f"{before * 1e3:.1f} ms ({100 * before / total:.1f}% of the step), of which the NPN inner loop "
-                     f"{npn * 1e3:.1f} ms ({100 * npn / total:.1f}%).")
+                     f"{before * 1e3:.1f} ms ({100 * before / total:.1f}% of the step) without collectives; the NPN "
+                     f"inner loop's own stopwatch (`npn_time_ms`, collectives included) {npn * 1e3:.1f} ms "
+                     f"({100 * npn / total:.1f}%).")
     lines.append("")
     lines.append("Why, in FLOPs: one NPN inner loop costs about T_u × 2 modalities × 3 (forward + backward) × 2·B·m·d "
                  "multiply-adds, independent of the encoders, while the encoders' cost scales with the model; on a "

@@ -7,6 +7,7 @@ H100s (global batch 4096, so 512 per GPU) with communication; here it is one GPU
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -46,6 +47,7 @@ def run_gpu(opts, out_dir: str, log) -> tuple[str, dict]:
             break
         except torch.cuda.OutOfMemoryError:
             runners = batches = None
+            gc.collect()
             torch.cuda.empty_cache()
             if batch <= 8:
                 raise

@@ -56,7 +56,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
     batches = data.dataloader
     steps_this_epoch = data.num_batches
     batch_time, data_time = Meter(), Meter()
-    global_batch = args.batch_size * args.world_size
+    global_batch = args.batch_size * args.world_size * args.accum_freq
     raw_model = unwrap(model)
     end = time.perf_counter()
     for i, (images, texts, keys) in enumerate(batches, start=data.start_batch):
@@ -69,14 +69,9 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
         keys = keys.to(device, non_blocking=True)
         data_time.add(time.perf_counter() - end)
 
-        with autocast(args.precision, device):
-            image_features, text_features, logit_scale = model(images, texts)
-        feats = Features(image=image_features, text=text_features, logit_scale=logit_scale,
-                         keys=keys, step=state.step, epoch=epoch)
-        method.before_encoder_step(feats)
-        out = method(feats)
         optimizer.zero_grad(set_to_none=True)
-        _backward(out.loss, scaler)
+        feats, out = _compute_gradients(model, method, images, texts, keys, args, device, scaler,
+                                        step=state.step, epoch=epoch)
         if _step_optimizer(model, method, optimizer, scaler, args, state):
             method.after_encoder_step(feats)
         with torch.no_grad():
@@ -95,6 +90,44 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
         if control is not None and control.after_step(state.step, epoch, i + 1, steps_this_epoch):
             return True
     return False
+
+
+def _compute_gradients(model, method, images, texts, keys, args, device, scaler, *, step: int, epoch: int):
+    """Forward and backward of one step; returns (the step's features, the last LossOutput).
+
+    With --accum-freq k the batch holds k micro-batches. Every method's loss needs the whole effective
+    batch (its negatives, the NPN's inner loop, the moving-average update), so the encoders first run
+    on all micro-batches without gradient; then each micro-batch is recomputed with gradient and
+    spliced into the cached features (`Features.micro_batch`). The k backward passes sum to the
+    gradient of one batch k times larger; DDP synchronises only in the last.
+    """
+    k = args.accum_freq
+    if k == 1:
+        with autocast(args.precision, device):
+            image_features, text_features, logit_scale = model(images, texts)
+        feats = Features(image=image_features, text=text_features, logit_scale=logit_scale, keys=keys,
+                         step=step, epoch=epoch)
+        method.before_encoder_step(feats)
+        out = method(feats)
+        _backward(out.loss, scaler)
+        return feats, out
+    micro = images.shape[0] // k
+    rows = [slice(j * micro, (j + 1) * micro) for j in range(k)]
+    with torch.no_grad(), autocast(args.precision, device):
+        cached = [model(images[r], texts[r]) for r in rows]
+    feats = Features(image=torch.cat([c[0] for c in cached]), text=torch.cat([c[1] for c in cached]),
+                     logit_scale=cached[-1][2], keys=keys, step=step, epoch=epoch)
+    method.before_encoder_step(feats)
+    for j, r in enumerate(rows):
+        last = j == k - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(args.precision, device):
+                image_features, text_features, logit_scale = model(images[r], texts[r])
+            out = method(feats.micro_batch(r, image_features, text_features, logit_scale,
+                                           carries_step_gradient=last))
+            _backward(out.loss, scaler)
+    return feats, out
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:

@@ -16,6 +16,7 @@ the same command again resumes from the folder's newest valid checkpoint (--no-a
 instead). SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.preemption); faults and
 what each gives: docs/FAULTS.md.
 """
+import argparse
 import logging
 import os
 import random
@@ -142,7 +143,9 @@ def train(args, info, signals: StopSignals) -> dict:
     method = build_method(args.method, args, model).to(info.device)
     seed_everything(args.seed + args.rank)
 
-    data = get_data(args, preprocess_train, preprocess_val, tokenizer, epoch=0)
+    # With --accum-freq k the loader yields whole steps (k micro-batches); the loop splits them.
+    data_args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * args.accum_freq})
+    data = get_data(data_args, preprocess_train, preprocess_val, tokenizer, epoch=0)
     steps_per_epoch = data["train"].num_batches
     numbers = schedule_numbers(args, steps_per_epoch)
     log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="floor of the cosine schedules")
     opt.add_argument("--grad-clip-norm", type=float, default=None)
     opt.add_argument("--accum-freq", type=int, default=1,
-                     help="gradient accumulation (not implemented yet: only 1 is accepted)")
+                     help="gradient accumulation: k micro-batches of --batch-size make one step")
     opt.add_argument("--max-nonfinite-steps", type=int, default=20,
                      help="stop after this many consecutive steps with a non-finite gradient")
     opt.add_argument(*_both("optimizer"), dest="optimizer", default="adamw", choices=["adamw", "lamb"])
@@ -222,9 +222,6 @@ def validate(args) -> None:
                         ("--npn_num_protos", args.npn_num_protos)):
         if value < 1:
             raise ValueError(f"{flag} must be ≥ 1, got {value}")
-    if args.accum_freq != 1:
-        raise ValueError(f"--accum-freq {args.accum_freq}: gradient accumulation is not implemented yet; "
-                         "use --accum-freq 1 with a smaller --batch-size per rank or more ranks")
     for flag, value in (("--save-every-n-steps", args.save_every_n_steps),
                         ("--save-every-n-minutes", args.save_every_n_minutes)):
         if value < 0:
