@@ -49,7 +49,7 @@ class Meter:
 
 
 def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state: TrainState, epoch: int,
-                    args, device, tb, control=None) -> bool:
+                    args, device, tb, control=None, diagnostics=None) -> bool:
     """Returns True when `control` stopped the run mid-epoch (its checkpoint is written)."""
     model.train()
     method.train()
@@ -87,6 +87,9 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
                 _log_step(state, epoch, i + 1, steps_this_epoch, terms, lrs, raw_model, method, data,
                           batch_time, data_time, global_batch, tb)
             batch_time, data_time = Meter(), Meter()
+        if diagnostics is not None:  # normalizer estimation error, every --est-err-every steps
+            diagnostics.after_step(raw_model, method, step=state.step, epoch=epoch + (i + 1) / steps_this_epoch,
+                                   epoch_end=last)
         if control is not None and control.after_step(state.step, epoch, i + 1, steps_this_epoch):
             return True
     return False

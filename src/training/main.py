@@ -36,6 +36,7 @@ from contrastive import build_method
 from .checkpoint import CheckpointManager, map_position
 from .data import get_data
 from .distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
+from .diagnostics import EstimationErrorMonitor
 from .evaluation import evaluate, write_info_pkl
 from .logger import TensorBoard, setup_logging
 from .loop import TrainState, train_one_epoch
@@ -180,6 +181,7 @@ def train(args, info, signals: StopSignals) -> dict:
         ddp_model = torch.compile(ddp_model)
     tb = TensorBoard(os.path.join(run_dir, "tensorboard")
                      if args.is_master and "tensorboard" in (args.report_to or "") else None)
+    diagnostics = EstimationErrorMonitor.from_args(args, preprocess_val, tokenizer, info.device, tb, run_dir)
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
     results = {}
@@ -188,7 +190,7 @@ def train(args, info, signals: StopSignals) -> dict:
         method.on_epoch_start(epoch)
         if train_one_epoch(model=ddp_model, method=method, data=data["train"], optimizer=optimizer,
                            scaler=scaler, scheduler=scheduler, state=state, epoch=epoch, args=args,
-                           device=info.device, tb=tb, control=control):
+                           device=info.device, tb=tb, control=control, diagnostics=diagnostics):
             break
         completed = epoch + 1
         written = checkpoints.save_epoch(completed, state)
