@@ -38,8 +38,8 @@ PART_TITLES = {"cost": "1. Cost per step", "error": "2. Estimation error vs batc
 
 # Sizes: the full CPU run (well under an hour on 2 free cores) and --quick (a smoke test).
 FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4, cost_memory_steps=5,
-            error_batches="64,128", error_n=1024, error_samples=20480, error_checkpoints=5, error_reference=4096,
-            quality_batch=64, quality_n=10240, quality_samples=30720, seeds="0,1,2", npn_protos=512,
+            error_batches="64,128", error_n=512, error_samples=20480, error_checkpoints=5, error_reference=4096,
+            quality_batch=64, quality_n=5120, quality_samples=20480, seeds="0,1,2", npn_protos=512,
             gpu_batch=512, gpu_warmup=5, gpu_repeats=30)
 QUICK = dict(cost_batch=32, cost_warmup=1, cost_repeats=5, cost_data_batches=2, cost_memory_steps=2,
              error_batches="16,32", error_n=64, error_samples=1280, error_checkpoints=5, error_reference=512,
@@ -139,8 +139,11 @@ def header_markdown(opts, info: dict, git: dict, started: str, seconds: float | 
               f"- torch {info['torch']} (CUDA {info['cuda']}), open_clip {info['open_clip']}, Python {info['python']}",
               f"- Machine: {info['cpu']}, {info['usable_cores']} usable of {info['logical_cores']} logical cores, "
               f"torch threads {info['torch_threads']}; GPU: {gpus}; {info['platform']}",
-              f"- Load average at start: {info['load_average']} (other processes share the machine when it exceeds "
-              f"the core count: timings are then noisy)",
+              f"- Load average at start: {info['load_average']}" + (
+                  f" — above the {info['usable_cores']} usable cores: the machine is shared and timings are noisy"
+                  + ("" if info["torch_threads"] == 1 else " (several torch threads then also lose time in OpenMP "
+                     "barriers when a core is taken away; `--threads 1` is steadier)")
+                  if info["load_average"] and info["load_average"][0] > info["usable_cores"] else ""),
               f"- Parts: {', '.join(opts.parts)}; device of parts 1-3: {opts.device}; model {opts.model}", ""]
     missing = [p for p in opts.parts if p not in done]
     if missing and seconds is None:
@@ -221,6 +224,9 @@ def main(argv=None) -> dict:
     log(f"training.bench: parts {','.join(opts.parts)}{' (--quick)' if opts.quick else ''} -> {opts.out}")
     log(f"machine: {info['cpu']}, {info['usable_cores']} cores, torch threads {info['torch_threads']}, "
         f"GPU {', '.join(info['gpus']) or 'none'}, load average {info['load_average']}")
+    if info["load_average"] and info["load_average"][0] > info["usable_cores"] and info["torch_threads"] > 1:
+        log("warning: the load average exceeds the cores: timings will be noisy, and with several torch threads "
+            "much slower (OpenMP barriers); --threads 1 is steadier on a shared machine")
     if master and not opts.dist_info.distributed and opts.estimate:
         est = estimate_seconds(opts)
         parts = {k: v for k, v in est.items() if k != "calibration"}

@@ -262,6 +262,11 @@ def error_markdown(data: dict, opts) -> str:
         rows.append([s["label"], *(f"{st} · {st * s['batch'] / s['n']:.2f} · {_since_restart(st, opts.npn_restart)}"
                                    for st in steps)])
     lines += [markdown_table(header, rows), ""]
+    longest = max(checkpoint_steps(data["samples"], data["checkpoints"], min(opts.error_batches)))
+    if "neuclip" in data["methods"] and (opts.npn_restart <= 0 or opts.npn_restart >= longest):
+        lines += [f"With T_r = {opts.npn_restart} and at most {longest} steps per run, NeuCLIP's NPN restarts only "
+                  "once, at step 0: these runs show the NPN tracking the encoders without periodic re-initialisation "
+                  "(`--npn-restart` changes it).", ""]
     sources = {r2["source"] for r in runs for r2 in r["scheduled"]}
     problems = [f"{r['label']}, {r['setting']}: {p}" for r in runs for p in r.get("problems", [])]
     lines += ["", "Source of the values: " + ", ".join(sorted(sources)) + "."]
