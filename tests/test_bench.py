@@ -25,9 +25,17 @@ def small_builtin_eval(monkeypatch):
     monkeypatch.setattr(evaluation, "BUILTIN_RETRIEVAL_N", 20)
 
 
-def test_quick_report_has_every_part(tmp_path, small_builtin_eval):
+@pytest.fixture
+def one_thread():
+    """--threads 1 (the default, said explicitly); the test session's own setting comes back afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_quick_report_has_every_part(tmp_path, small_builtin_eval, one_thread):
     out = tmp_path / "bench"
-    result = bench.main(["--out", str(out), *TINY])
+    result = bench.main(["--out", str(out), *TINY, *one_thread])
     report = (out / "report.md").read_text()
 
     # header: command, commit, versions, machine

@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes); numbers are not results")
     p.add_argument("--model", default="neuclip-tiny", help="model of parts 1-3")
     p.add_argument("--device", default=None, help="parts 1-3 (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (0: torch's default). 1 by default: the trainings' data loader worker "
+                        "gets the other core, and a shared machine does not stall OpenMP barriers")
     p.add_argument("--workers", type=int, default=1, help="data loader workers of the trainings")
     p.add_argument("--lr", type=float, default=1e-3, help="lr of every training (parts 2, 3)")
     p.add_argument("--npn-protos", type=int, default=None,

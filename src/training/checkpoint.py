@@ -96,13 +96,18 @@ def read_checkpoint(path: str, required=REQUIRED_KEYS, mmap: bool = False) -> di
     return ckpt
 
 
+def samples_per_step(args) -> int:
+    return args.batch_size * args.world_size * getattr(args, "accum_freq", 1)
+
+
 def map_position(ckpt: dict, args, steps_per_epoch: int) -> tuple[int, int]:
-    """(epoch, batch) to resume at. The position is stored in batches of the writer's global batch; with
-    another global batch (batch size × world size) it is converted through the samples consumed."""
+    """(epoch, batch) to resume at. The position is stored in steps of the writer's global batch; with
+    another global batch (batch size × world size × accum-freq) it is converted through the samples
+    consumed."""
     position = ckpt.get("data_position") or {}
     epoch, batch = int(position.get("epoch", ckpt.get("epoch", 0))), int(position.get("batch", 0))
-    old_global = int(position.get("global_batch", args.batch_size * args.world_size))
-    new_global = args.batch_size * args.world_size
+    new_global = samples_per_step(args)
+    old_global = int(position.get("global_batch", new_global))
     if batch and old_global != new_global:
         samples = batch * old_global
         batch = samples // new_global
@@ -138,7 +143,7 @@ class CheckpointManager:
             "step": train_state.step,
             "train_state": {"skipped_nonfinite": train_state.skipped_nonfinite,
                             "consecutive_nonfinite": train_state.consecutive_nonfinite},
-            "data_position": {**position, "global_batch": self.args.batch_size * self.args.world_size},
+            "data_position": {**position, "global_batch": samples_per_step(self.args)},
             "world_size": self.args.world_size,
             "batch_size": self.args.batch_size,
             "rng": _all_ranks(rng_state()),  # collective: every rank must call save
