@@ -26,11 +26,12 @@ def setup_logging(log_file: str | None, is_master: bool, level=logging.INFO) -> 
 class TensorBoard:
     """A SummaryWriter on rank 0, nothing elsewhere (or when --report-to does not ask for it)."""
 
-    def __init__(self, log_dir: str | None):
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
         self.writer = None
         if log_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir)
+            # A resumed run rewrites the steps after its checkpoint: purge_step drops the old points.
+            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         if self.writer is None:

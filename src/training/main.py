@@ -180,7 +180,8 @@ def train(args, info, signals: StopSignals) -> dict:
     if args.torchcompile:
         ddp_model = torch.compile(ddp_model)
     tb = TensorBoard(os.path.join(run_dir, "tensorboard")
-                     if args.is_master and "tensorboard" in (args.report_to or "") else None)
+                     if args.is_master and "tensorboard" in (args.report_to or "") else None,
+                     purge_step=state.step or None)
     diagnostics = EstimationErrorMonitor.from_args(args, preprocess_val, tokenizer, info.device, tb, run_dir)
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
