@@ -93,7 +93,7 @@ def test_existing_run_folder_resumes_unless_refused(tmp_path, shards):
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--siglip", "--fastclip"], "--siglip and --fastclip"),
     (["--fastclip", "--npn", "--amorlip"], "--npn and --amorlip"),
-    (["--accum-freq", "2"], "--accum-freq 2"),
+    (["--accum-freq", "0"], "--accum-freq must be ≥ 1"),
 ])
 def test_bad_flags_fail_at_once_naming_the_flag(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):

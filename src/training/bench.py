@@ -39,7 +39,7 @@ PART_TITLES = {"cost": "1. Cost per step", "error": "2. Estimation error vs batc
 # Sizes: the full CPU run (well under an hour on 2 free cores) and --quick (a smoke test).
 FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4, cost_memory_steps=5,
             error_batches="64,128", error_n=512, error_samples=20480, error_checkpoints=5, error_reference=4096,
-            quality_batch=64, quality_n=5120, quality_samples=20480, seeds="0,1,2", npn_protos=512,
+            quality_batch=64, quality_n=5120, quality_samples=15360, seeds="0,1,2", npn_protos=512,
             gpu_batch=512, gpu_warmup=5, gpu_repeats=30)
 QUICK = dict(cost_batch=32, cost_warmup=1, cost_repeats=5, cost_data_batches=2, cost_memory_steps=2,
              error_batches="16,32", error_n=64, error_samples=1280, error_checkpoints=5, error_reference=512,
@@ -165,41 +165,46 @@ def write_report(out: str, header: str, sections: dict, parts: list[str]) -> str
 # ------------------------------------------------------------------------------------- estimate
 
 def estimate_seconds(opts) -> dict:
-    """A rough wall-time estimate from a 4-step OpenCLIP calibration at batch 32 on this machine, now."""
-    from .bench_cost import CommTimer, Runner, clock_for, make_batches, make_model  # noqa: PLC0415
+    """A rough wall-time estimate from a short calibration on this machine, now: 3 OpenCLIP steps at the
+    trainings' batch size, and the time to draw and preprocess samples (the data loader worker's job)."""
     from .bench_common import method_spec  # noqa: PLC0415
+    from .bench_cost import CommTimer, Runner, clock_for, make_batches, make_model  # noqa: PLC0415
     device = torch.device(opts.device)
+    batch = opts.quality_batch
     model, preprocess, tokenizer = make_model(opts.model, device, "fp32")
     start = time.perf_counter()
-    batches = make_batches(preprocess, tokenizer, 32, 1, device)
-    data_s = (time.perf_counter() - start) / 32
-    runner = Runner.build(method_spec("openclip"), model, opts.model, 32, "fp32", 32, device)
+    batches = make_batches(preprocess, tokenizer, batch, 1, device)
+    data_s = (time.perf_counter() - start) / batch
+    runner = Runner.build(method_spec("openclip"), model, opts.model, batch, "fp32", batch, device)
     clock = clock_for(device)
     runner.step_once(batches[0], clock, CommTimer(clock))
     start = time.perf_counter()
     for _ in range(3):
         runner.step_once(batches[0], clock, CommTimer(clock))
-    step_s = (time.perf_counter() - start) / 3 / 32
-    factor = {"openclip": 1.0, "siglip": 1.0, "fastclip": 1.2, "neuclip": 2.0, "amorlip": 2.0}
+    step_s = (time.perf_counter() - start) / 3 / batch
+    factor = {"openclip": 1.0, "siglip": 1.0, "fastclip": 1.2, "neuclip": 1.6, "amorlip": 1.6}
+
+    def per_sample(method: str) -> float:  # a data loader worker overlaps drawing samples with training
+        work = step_s * factor[method]
+        return max(work, data_s) if opts.workers > 0 else work + data_s
+
     est = {}
     if "cost" in opts.parts:
         rounds = opts.cost_warmup + opts.cost_repeats + 2
         per_round = sum(opts.cost_batch * step_s * (6.0 if m == "neuclip" else factor[m]) for m in opts.cost_methods)
-        est["cost"] = rounds * per_round + (15 + 5 * opts.cost_batch * step_s * 3) * len(opts.cost_methods)
-    train = step_s + 0.6 * data_s
+        est["cost"] = rounds * per_round + (8 + 5 * opts.cost_batch * step_s * 3) * len(opts.cost_methods)
     if "error" in opts.parts:
         total = 0.0
         for m in opts.error_methods:
             for n in (opts.error_n, 10 * opts.error_n):
                 ref = min(n, opts.error_reference)
                 measures = opts.error_checkpoints + opts.error_samples // n
-                total += 2 * (10 + opts.error_samples * train * factor[m] + measures * ref * (step_s / 3 + 0.1 * data_s)
-                              + ref * data_s)
+                total += 2 * (4 + opts.error_samples * per_sample(m) + measures * ref * step_s / 3 + ref * data_s)
         est["error"] = total
     if "quality" in opts.parts:
-        per = sum(factor[m] for m in opts.quality_methods) * opts.quality_samples * train
-        est["quality"] = len(opts.seeds) * (per + len(opts.quality_methods) * (15 + 4000 * (data_s + step_s / 3)))
-    est["calibration"] = {"train_s_per_sample": step_s, "data_s_per_sample": data_s}
+        per = sum(per_sample(m) for m in opts.quality_methods) * opts.quality_samples
+        est["quality"] = len(opts.seeds) * (per + len(opts.quality_methods) * (4 + 4000 * data_s))
+    est["calibration"] = {"train_s_per_sample": step_s, "data_s_per_sample": data_s, "batch": batch}
     return est
 
 
@@ -262,7 +267,7 @@ def main(argv=None) -> dict:
 
 
 def _run_cost(opts, log):
-    from .bench_cost import run_cost  # noqa: PLC0415
+    from .bench_cost_report import run_cost  # noqa: PLC0415
     return run_cost(opts, opts.out, log)
 
 

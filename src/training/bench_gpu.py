@@ -15,7 +15,8 @@ import torch
 
 from .bench_common import METHOD_ORDER, fmt, human_bytes, markdown_table, method_spec
 from .bench_cost import (PHASES, CommTimer, Runner, clock_for, data_size_for, make_batches, make_model, measure,
-                         plot_step_times, summarize)
+                         summarize)
+from .bench_cost_report import plot_step_times
 
 # NeuCLIP paper, Table 5: (data set, vision encoder, NPN ms, total ms, share)
 PAPER_TABLE5 = [("CC3M", "ResNet50", "49.23 ± 1.10", "529.09 ± 21.79", "9.30%"),
@@ -57,7 +58,8 @@ def run_gpu(opts, out_dir: str, log) -> tuple[str, dict]:
         f"{opts.gpu_repeats} measured rounds")
     results, peaks = measure(runners, batches, opts.gpu_warmup, opts.gpu_repeats, clock, CommTimer(clock))
     summary = summarize(results, specs[0].key if specs[0].family == "openclip" else None)
-    data = {"model": opts.gpu_model, "batch": batch, "requested_batch": opts.gpu_batch, "gpu": torch.cuda.get_device_name(),
+    data = {"model": opts.gpu_model, "batch": batch, "requested_batch": opts.gpu_batch,
+            "gpu": torch.cuda.get_device_name(),
             "summary": summary, "raw": results, "peaks": peaks, "specs": [s.__dict__ for s in specs]}
     data["plots"] = [plot_step_times(summary, specs, os.path.join(out_dir, "gpu_step_time.png"),
                                      f"{opts.gpu_model}, local batch {batch}, bf16 autocast, {data['gpu']}")]
@@ -68,7 +70,8 @@ def gpu_markdown(data: dict, specs) -> str:
     summary, batch = data["summary"], data["batch"]
     lines = ["## 4. GPU mode", ""]
     lines.append(f"`{data['model']}` on one {data['gpu']}, bf16 autocast, local batch {batch}"
-                 + (f" (asked for {data['requested_batch']}; it did not fit)" if batch != data["requested_batch"] else "")
+                 + (f" (asked for {data['requested_batch']}; it did not fit)"
+                    if batch != data["requested_batch"] else "")
                  + ", random tensors as input (no data loading), methods interleaved as in part 1. NeuCLIP with the "
                    "paper's m = 4096, T_u = 10.")
     lines.append("")

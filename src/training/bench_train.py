@@ -219,8 +219,9 @@ def error_markdown(data: dict, opts) -> str:
                  f"{data['checkpoints']} samples seen, identical across settings, and averaged over them (the "
                  f"paper's 'mean across checkpoints'). Reference set S_ref: the first min(n, {opts.error_reference}) "
                  f"training samples by key — the whole data set for n, a subset for 10n (its truth is then itself an "
-                 f"average over R − 1 negatives, R ≫ B). Mini-batch estimates are taken on batches of the run's own "
-                 f"size. Same lr ({opts.lr}), warm-up (10% of steps), seed 0 everywhere. NeuCLIP: m = {opts.npn_protos}, "
+                 f"average over R − 1 negatives, R ≫ B). Mini-batch estimates are taken on batches of the run's "
+                 f"own size. Same lr ({opts.lr}), warm-up (10% of steps), seed 0 everywhere. NeuCLIP: "
+                 f"m = {opts.npn_protos}, "
                  f"T_u = 10, T_r = {opts.npn_restart}, AdaGrad lr 1.0.")
     lines.append("")
     header = ["method", *(s["label"] for s in settings), f"B {small} vs {large} (×)", "10n vs n (×)"]
