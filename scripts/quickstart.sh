@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements-training.txt
 
 DATA=${DATA:-data/shapes}
-SAMPLES=${SAMPLES:-20000}
-EPOCHS=${EPOCHS:-6}
+SAMPLES=${SAMPLES:-10000}
+EPOCHS=${EPOCHS:-4}
 NAME=${NAME:-quickstart-neuclip-$(date +%Y%m%d-%H%M%S)}
 if [ ! -f "$DATA/info.json" ]; then
   PYTHONPATH=src python -m training.synthetic --out "$DATA" --num-samples "$SAMPLES" --samples-per-shard 1000 --workers 2
