@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .bench_common import MethodSpec, human_bytes, iqr, median, python, subprocess_env
+from .loop import average_method_grads
 
 PHASES = ("forward", "before", "loss", "backward", "optimizer", "comm")
 TARGET_RATIO = 1.05
@@ -182,7 +183,7 @@ class Runner:
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
         with phase("optimizer"):
-            _average_method_grads(self.method)
+            average_method_grads(self.method)
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, float("inf"))
             self.optimizer.step()
@@ -196,20 +197,6 @@ class Runner:
         times["npn_inner"] = float(npn) / 1e3 if npn is not None and math.isfinite(float(npn)) else math.nan
         self.step += 1
         return times
-
-
-def _average_method_grads(method) -> None:
-    """What training.loop does for the method's own parameters (SigLIP's bias) with several processes."""
-    from contrastive import comm  # noqa: PLC0415
-    grads = [p.grad for g in method.trainable_parameter_groups() for p in g["params"] if p.grad is not None]
-    if not grads or comm.world_size() == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    comm.all_reduce_mean_(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -144,7 +144,7 @@ def _step_optimizer(model, method, optimizer, scaler, args, state: TrainState) -
     """Clip, and step unless the gradient is non-finite (skipped and counted). Returns whether it stepped."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    _average_method_grads(method)
+    average_method_grads(method)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = args.grad_clip_norm if args.grad_clip_norm else float("inf")
     # DDP has already averaged gradients, so every rank sees the same norm and takes the same branch.
@@ -182,7 +182,7 @@ def _mean_over_ranks(terms: dict) -> dict:
     return dict(zip(names, values.tolist()))
 
 
-def _average_method_grads(method) -> None:
+def average_method_grads(method) -> None:
     """DDP averages the model's gradients; the method's own trainable parameters (SigLIP's bias, an
     NPN trained with the encoders) are outside DDP, so average theirs here in one collective."""
     grads = [p.grad for g in method.trainable_parameter_groups() for p in g["params"] if p.grad is not None]
