@@ -66,7 +66,7 @@ class NeuCLIPEstimator(NormalizerEstimator):
         self.arch, self.update, self.fill, self.adagrad_reset = arch, update, fill, adagrad_reset
         self.num_protos, self.repetition, self.restart_every = num_protos, repetition, restart_every
         self.init_scale, self.seed, self.dim = init_scale, seed, embed_dim
-        self.npn_objective = OBJECTIVES[objective]
+        self.objective_name, self.npn_objective = objective, OBJECTIVES[objective]
         self.optimizer = AdaGrad(self._params(), lr if arch == "prototype" else mlp_lr) \
             if update == "alternating" else None
         ring_rows = num_protos if arch == "prototype" and fill == "ring" else 0
@@ -131,11 +131,12 @@ class NeuCLIPEstimator(NormalizerEstimator):
         img, txt = self._sides(feats, stats, rows=feats.local)
         params, values = self._params(), []
         for _ in range(self.repetition):
-            with torch.enable_grad():
-                loss = self._objective(*self._alphas(img, txt), img, txt)
-                grads = torch.autograd.grad(loss, params)
-            self.optimizer.step_(params, average_over_ranks_(list(grads)))
-            values.append(loss.detach())
+            value_img, grads_img = self.npn_img.value_and_grad(img.anchors, img.positive_sim, img.scale, img.eps,
+                                                               img.log_norm, self.objective_name)
+            value_txt, grads_txt = self.npn_txt.value_and_grad(txt.anchors, txt.positive_sim, txt.scale, txt.eps,
+                                                               txt.log_norm, self.objective_name)
+            self.optimizer.step_(params, average_over_ranks_(grads_img + grads_txt))
+            values.append(value_img + value_txt)
         return values[0], values[-1]
 
     def _objective(self, a_img, a_txt, img: Side, txt: Side) -> torch.Tensor:

@@ -61,6 +61,37 @@ class PrototypeNPN(nn.Module):
         return log_eps_plus(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)
 
     @torch.no_grad()
+    def value_and_grad(self, anchors, positive_sim, scale, eps, log_norm, objective: str):
+        """The NPN objective over these anchors and its gradient w.r.t. `weight`, in closed form.
+
+        The inner loop runs this T_u times per encoder step. Autograd through `forward` spends most of its
+        time in a dozen element-wise passes over the [n, m] similarity (softmax backward, the cosine's
+        normalisation, log-sum-exp's saved tensors); here the [n, m] block is touched by one GEMM in, a
+        max, one exp, one sum, one row scaling and one GEMM out:
+            α_i = log(ε + e^{l_i}),  l_i = logsumexp_j z_ij − log m,  z_ij = (ê_i·Ŵ_j − s_ii)·λ_i
+            ∂J/∂c_ij = ∂J/∂α_i · σ_i · p_ij · λ_i   (c_ij = ê_i·Ŵ_j, σ_i = e^{l_i − α_i}, p_i = softmax(z_i))
+            ∂J/∂Ŵ = (∂J/∂c)ᵀ ê,   ∂J/∂W_j = (I − Ŵ_jŴ_jᵀ) ∂J/∂Ŵ_j / |W_j|.
+        Returns (J, [∂J/∂weight]) like `ResidualMLPNPN.value_and_grad`. Autocast is off (fp32 maths) and z
+        is shifted by its row max before exp.
+        """
+        with torch.autocast(anchors.device.type, enabled=False):
+            norms = self.weight.norm(dim=1, keepdim=True)                          # [m, 1]
+            unit = self.weight / norms
+            lam = scale if scale.dim() == 0 else scale.reshape(-1, 1)
+            z = torch.addmm(-(positive_sim[:, None] * lam), anchors * lam, unit.T)  # [n, m]
+            row_max = z.amax(dim=1, keepdim=True)
+            z.sub_(row_max).exp_()                                                 # z := e^{z − max}
+            row_sum = z.sum(dim=1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1) - math.log(self.num_protos)
+            alpha = log_eps_plus(lse, eps)
+            value, d_alpha = OBJECTIVE_VALUE_AND_GRAD[objective](alpha, log_norm, scale)
+            row_weight = d_alpha * torch.exp(lse - alpha)                          # ∂J/∂l_i
+            z.mul_((row_weight[:, None] / row_sum) * lam)                          # z := ∂J/∂(ê·Ŵ)
+            grad_unit = z.T @ anchors                                              # [m, d]
+            radial = (grad_unit * unit).sum(dim=1, keepdim=True)
+            return value, [(grad_unit - unit * radial) / norms]
+
+    @torch.no_grad()
     def reset_(self, rows: torch.Tensor, norm: float) -> None:
         """Prototypes := the given embeddings' directions, each scaled to length `norm`."""
         self.weight.copy_(F.normalize(rows.to(self.weight.dtype), dim=1) * norm)
@@ -84,6 +115,13 @@ class ResidualMLPNPN(nn.Module):
         h = self.norm1(F.relu(self.fc1(x)))
         h = self.norm2(F.relu(self.fc2(h)))
         return self.head(F.relu(h + x)).squeeze(1)
+
+    def value_and_grad(self, anchors, positive_sim, scale, eps, log_norm, objective: str):
+        """The NPN objective over these anchors and its gradients w.r.t. `parameters()` (autograd)."""
+        with torch.enable_grad():
+            value = OBJECTIVES[objective](self(anchors), log_norm, scale)
+            grads = torch.autograd.grad(value, list(self.parameters()))
+        return value.detach(), list(grads)
 
     @torch.no_grad()
     def reset_(self, generator: torch.Generator, output_bias=0.0) -> None:
@@ -134,6 +172,22 @@ def regression_objective(alpha, log_norm, scale=None):
 
 
 OBJECTIVES = {"unified": unified_objective, "regression": regression_objective}
+
+
+def _unified_value_and_grad(alpha, log_norm, scale):
+    tau = 1.0 / (scale.reshape(-1) if scale.dim() else scale)
+    excess = torch.exp(log_norm - alpha)
+    n = alpha.shape[0]
+    return (tau * (excess + alpha)).mean(), tau * (1 - excess) / n
+
+
+def _regression_value_and_grad(alpha, log_norm, scale=None):
+    residual = alpha - log_norm
+    return residual.square().mean(), 2 * residual / alpha.shape[0]
+
+
+#: (objective value, ∂value/∂α per anchor) in closed form, for `PrototypeNPN.value_and_grad`.
+OBJECTIVE_VALUE_AND_GRAD = {"unified": _unified_value_and_grad, "regression": _regression_value_and_grad}
 
 
 # ------------------------------------------------------------------------------------- optimizers
