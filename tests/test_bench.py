@@ -145,3 +145,38 @@ def test_memory_probe_reports_a_peak():
                                       "spec": {"key": spec.key, "family": spec.family, "label": spec.label,
                                                "flags": list(spec.flags)}})
     assert result["rss_after"] >= result["rss_before"] > 0 and result["delta"] >= 0
+
+
+def _error_run(method, batch, n, values):
+    label = {"openclip": "OpenCLIP", "fastclip": "FastCLIP-v3", "neuclip": "NeuCLIP (m=8, T_u=10)"}[method]
+    return {"method": method, "label": label, "batch": batch, "n": n,
+            "scheduled": [{"est_err/mean": v} for v in values]}
+
+
+def test_error_targets_are_judged_from_the_numbers():
+    """NeuCLIP lowest everywhere and flattest in batch, but not in data size: the verdicts must say exactly that."""
+    from training.bench_targets import error_target_lines, growth, error_cells
+    table = {"openclip": {(64, 10): 4.0, (128, 10): 1.0, (64, 100): 4.0, (128, 100): 1.0},
+             "fastclip": {(64, 10): 2.0, (128, 10): 1.0, (64, 100): 2.0, (128, 100): 1.0},
+             "neuclip": {(64, 10): 0.3, (128, 10): 0.2, (64, 100): 0.6, (128, 100): 0.4}}
+    runs = [_error_run(m, b, n, [v, v]) for m, cells in table.items() for (b, n), v in cells.items()]
+    data = {"methods": list(table), "runs": runs}
+    by_batch, by_data = growth(error_cells(runs), "neuclip", [64, 128], [10, 100], 0)
+    assert by_batch == pytest.approx(1.5) and by_data == pytest.approx(2.0)
+    text = "\n".join(error_target_lines(data))
+    assert "lowest of the methods (mean): met, in 4 of 4" in text
+    assert "grows least when the batch halves (128 → 64) (mean): met" in text
+    assert "grows least when the data grows 10× (10 → 100) (mean): MISSED" in text
+
+
+def test_quality_target_uses_paired_seed_differences():
+    from training.bench_targets import quality_target_lines
+    acc = {"openclip": [0.50, 0.52, 0.51], "fastclip": [0.51, 0.53, 0.52], "neuclip": [0.52, 0.54, 0.53]}
+    runs = [{"method": m, "seed": s, "metrics": {"builtin/mean_top1": v}} for m, vs in acc.items()
+            for s, v in enumerate(vs)]
+    text = "\n".join(quality_target_lines({"methods": list(acc), "runs": runs, "batch": 64}))
+    assert "at batch 64): met" in text
+    # Every seed improves by exactly 1 point: sd 0, so the paired difference is resolved.
+    assert "NeuCLIP − FastCLIP-v3, paired by seed: 1.00 points" in text and "larger than twice" in text
+    runs[-1]["metrics"]["builtin/mean_top1"] = 0.40  # one bad NeuCLIP seed
+    assert "MISSED" in "\n".join(quality_target_lines({"methods": list(acc), "runs": runs, "batch": 64}))

@@ -388,3 +388,34 @@ def test_resumed_pass_yields_the_same_batches_and_augmentations(tmp_path, source
     assert len(full) == 8 and len(resumed) == 5
     for (a_img, a_txt, a_key), (b_img, b_txt, b_key) in zip(full[3:], resumed):
         assert torch.equal(a_key, b_key) and torch.equal(a_txt, b_txt) and torch.equal(a_img, b_img)
+
+
+ABANDONED_LOADER = """
+import sys, time, torch
+sys.path.insert(0, {src!r})
+from torch.utils.data import DataLoader, Dataset
+from training.data import ignore_stop_signals
+
+class Slow(Dataset):
+    def __len__(self):
+        return 100
+    def __getitem__(self, i):
+        if i > 0:
+            time.sleep(600)  # a worker busy in a slow read when the training process fails
+        return torch.zeros(1 << 20)
+
+it = iter(DataLoader(Slow(), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals, prefetch_factor=4))
+next(it)
+raise SystemExit(3)  # the training process fails with a loader mid-epoch
+"""
+
+
+def test_process_with_an_abandoned_loader_exits_despite_workers_ignoring_sigterm(tmp_path):
+    """Workers ignore SIGTERM (slurm signals the whole step); multiprocessing's exit handler SIGTERMs and then
+    joins daemonic children, so without training.data's atexit hook this process would never exit."""
+    script = tmp_path / "abandon.py"
+    script.write_text(ABANDONED_LOADER.format(src=os.path.join(ROOT, "src")))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert time.perf_counter() - start < 60

@@ -213,6 +213,10 @@ def estimate_seconds(opts) -> dict:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_opts(argv)
+    # Before open_clip's first module-level logging.warning: on a handler-less root that call installs
+    # logging's default stderr handler, and every line of the trainings would then print twice.
+    from .logger import setup_logging  # noqa: PLC0415
+    setup_logging(None, True)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     from .distributed import init_distributed, shutdown  # noqa: PLC0415

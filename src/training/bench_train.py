@@ -1,5 +1,5 @@
 """Parts 2 and 3 of `training.bench`: real trainings through `training.main.main([...])`, read back from their
-run folders (checkpoints/results.jsonl, out.log, params.txt).
+run folders (checkpoints/results.jsonl, out.log, params.txt); starting and reusing them: `training.bench_runs`.
 
 Part 2, estimation error vs batch size and data size (NeuCLIP paper Figure 2c, Figure 4): OpenCLIP, FastCLIP-v3
 and NeuCLIP on the built-in synthetic data at two batch sizes and two data sizes (n and 10n), every run the
@@ -15,80 +15,17 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import math
 import os
-import shutil
 import sys
-import time
 
-from .bench_common import (METHOD_LABELS, REPO_ROOT, fmt, fmt_pm, markdown_table, mean_std, method_spec, pyplot,
-                           save_figure)
+from .bench_common import METHOD_LABELS, REPO_ROOT, fmt, fmt_pm, markdown_table, mean_std, pyplot, save_figure
+from .bench_runs import results_lines, run_once, train_flags, train_spec
+from .bench_targets import error_target_lines, last_checkpoint_lines, quality_target_lines
 
 EST_KEY = "est_err/mean"
 TASKS = ("colour", "shape", "size", "position", "background", "relation")
 R1_KEYS = ("builtin/retrieval/image_to_text_R@1", "builtin/retrieval/text_to_image_R@1")
-
-
-# ------------------------------------------------------------------------------------------ runs
-
-def train_spec(family: str, opts):
-    if family == "neuclip":
-        return method_spec("neuclip", protos=opts.npn_protos, restart=opts.npn_restart)
-    return method_spec(family)
-
-
-def train_flags(opts, logs: str, name: str, spec, *, batch: int, n: int, samples: int, seed: int,
-                evaluate: bool, extra: list[str] = ()) -> list[str]:
-    if samples % n or n % batch:
-        raise ValueError(f"samples seen {samples} must be a multiple of the data size {n}, and {n} of the batch "
-                         f"size {batch}, for exact epochs")
-    epochs, steps = samples // n, samples // batch
-    device = opts.device
-    flags = ["--logs", logs, "--name", name, "--model", opts.model, "--batch-size", str(batch),
-             "--epochs", str(epochs), "--dataset-type", "synthetic", "--synthetic-num-samples", str(n),
-             "--workers", str(opts.workers), "--warmup", str(max(1, steps // 10)), "--lr", str(opts.lr),
-             "--wd", "0.1", "--precision", "fp32" if device == "cpu" else "amp_bf16", "--device", device,
-             "--seed", str(seed), "--log-every-n-steps", str(max(1, steps // 10)),
-             "--zeroshot-frequency", str(epochs if evaluate else 0), "--val-frequency", str(epochs if evaluate else 0),
-             "--save-frequency", "0", "--report-to", "tensorboard", *spec.flags]
-    if spec.uses_family:
-        flags += ["--gamma_decay_epochs", str(epochs)]
-    return flags + list(extra)
-
-
-def run_once(flags: list[str], run_dir: str, reuse: bool, extract, log) -> dict:
-    """Train (or reuse a finished run with the same flags), let `extract(run_dir, summary)` read what the part
-    needs, drop the checkpoints, and return the extracted result (also kept in run_dir/bench_run.json)."""
-    from .main import main  # noqa: PLC0415
-    marker = os.path.join(run_dir, "bench_run.json")
-    if reuse and os.path.exists(marker):
-        with open(marker) as f:
-            saved = json.load(f)
-        if saved.get("flags") == flags:
-            log(f"  reusing {run_dir}")
-            return saved["result"]
-    if os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
-    start = time.perf_counter()
-    summary = main(flags)
-    seconds = time.perf_counter() - start
-    result = extract(run_dir, summary)
-    result.update(seconds=seconds, train_steps=summary["step"], skipped_nonfinite=summary["skipped_nonfinite"])
-    for path in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
-        os.remove(path)
-    with open(marker, "w") as f:
-        json.dump({"flags": flags, "result": result}, f, indent=1)
-    log(f"  {os.path.basename(run_dir)}: {summary['step']} steps in {seconds:.0f} s")
-    return result
-
-
-def results_lines(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "checkpoints", "results.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------ part 2
@@ -239,6 +176,7 @@ def error_markdown(data: dict, opts) -> str:
     lines += [markdown_table(header, rows), ""]
     lines.append("Cells: mean ± sd over the checkpoints. Ratios: error at the smaller batch over the larger (mean of "
                  "the two data sizes), and at 10n over n (mean of the two batch sizes).")
+    lines += ["", *last_checkpoint_lines(data), *error_target_lines(data)]
     bias_rows = []
     for family in data["methods"]:
         cells = []
@@ -393,6 +331,7 @@ def quality_markdown(data: dict, opts, curves: str | None) -> str:
         rows.append([METHOD_LABELS[family], *cells, f"{secs:.0f}"])
     lines += [markdown_table(["method", *(c for _, c in columns), "wall s / run"], rows), ""]
     lines.append("Accuracies and recalls in %. Wall time per run includes evaluation and is as noisy as the machine.")
+    lines += ["", *quality_target_lines(data)]
     missing = [f"{r['key']} seed {r['seed']}" for r in data["runs"] if not r["metrics"]]
     if missing:
         lines += ["", "**No evaluation record for:** " + ", ".join(missing)]
