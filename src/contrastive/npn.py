@@ -65,31 +65,32 @@ class PrototypeNPN(nn.Module):
         """The NPN objective over these anchors and its gradient w.r.t. `weight`, in closed form.
 
         The inner loop runs this T_u times per encoder step. Autograd through `forward` spends most of its
-        time in a dozen element-wise passes over the [n, m] similarity (softmax backward, the cosine's
-        normalisation, log-sum-exp's saved tensors); here the [n, m] block is touched by one GEMM in, a
-        max, one exp, one sum, one row scaling and one GEMM out:
-            α_i = log(ε + e^{l_i}),  l_i = logsumexp_j z_ij − log m,  z_ij = (ê_i·Ŵ_j − s_ii)·λ_i
-            ∂J/∂c_ij = ∂J/∂α_i · σ_i · p_ij · λ_i   (c_ij = ê_i·Ŵ_j, σ_i = e^{l_i − α_i}, p_i = softmax(z_i))
-            ∂J/∂Ŵ = (∂J/∂c)ᵀ ê,   ∂J/∂W_j = (I − Ŵ_jŴ_jᵀ) ∂J/∂Ŵ_j / |W_j|.
+        time in element-wise passes: a dozen over the [n, m] similarity (softmax backward, log-sum-exp's saved
+        tensors) and several over the [m, d] prototypes (normalising them, projecting the gradient), which at
+        d = 512 and a small per-rank batch cost as much as the GEMMs. Here the prototypes are never normalised
+        (1/|W_j| scales the [n, m] columns instead) and are read by two GEMMs and one scaling only:
+            c_ij = e_i·W_j / |W_j|,   z_ij = (c_ij − s_ii)·λ_i,   l_i = logsumexp_j z_ij − log m,
+            α_i = log(ε + e^{l_i}),   g_ij = ∂J/∂c_ij = ∂J/∂α_i · e^{l_i − α_i} · softmax(z_i)_j · λ_i,
+            ∂J/∂W_j = Σ_i g_ij e_i / |W_j| − (Σ_i g_ij c_ij) W_j / |W_j|².
         Returns (J, [∂J/∂weight]) like `ResidualMLPNPN.value_and_grad`. Autocast is off (fp32 maths) and z
         is shifted by its row max before exp.
         """
         with torch.autocast(anchors.device.type, enabled=False):
-            norms = self.weight.norm(dim=1, keepdim=True)                          # [m, 1]
-            unit = self.weight / norms
+            inv_norms = self.weight.norm(dim=1).reciprocal_()                     # [m]
+            cos = (anchors @ self.weight.T).mul_(inv_norms)                       # [n, m]
             lam = scale if scale.dim() == 0 else scale.reshape(-1, 1)
-            z = torch.addmm(-(positive_sim[:, None] * lam), anchors * lam, unit.T)  # [n, m]
+            z = (cos - positive_sim[:, None]).mul_(lam)
             row_max = z.amax(dim=1, keepdim=True)
-            z.sub_(row_max).exp_()                                                 # z := e^{z − max}
+            z.sub_(row_max).exp_()                                                # z := e^{z − max}
             row_sum = z.sum(dim=1, keepdim=True)
             lse = (row_max + row_sum.log()).squeeze(1) - math.log(self.num_protos)
             alpha = log_eps_plus(lse, eps)
             value, d_alpha = OBJECTIVE_VALUE_AND_GRAD[objective](alpha, log_norm, scale)
-            row_weight = d_alpha * torch.exp(lse - alpha)                          # ∂J/∂l_i
-            z.mul_((row_weight[:, None] / row_sum) * lam)                          # z := ∂J/∂(ê·Ŵ)
-            grad_unit = z.T @ anchors                                              # [m, d]
-            radial = (grad_unit * unit).sum(dim=1, keepdim=True)
-            return value, [(grad_unit - unit * radial) / norms]
+            row_weight = d_alpha * torch.exp(lse - alpha)                         # ∂J/∂l_i
+            g = z.mul_((row_weight[:, None] / row_sum) * lam)                     # g_ij
+            radial = (g * cos).sum(dim=0)                                         # Σ_i g_ij c_ij
+            grad = self.weight * (radial * inv_norms.square()).neg_()[:, None]
+            return value, [grad.addmm_(g.mul_(inv_norms).T, anchors)]
 
     @torch.no_grad()
     def reset_(self, rows: torch.Tensor, norm: float) -> None:
