@@ -22,13 +22,7 @@ from training.params import parse_args
 EPS = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra threads only add synchronisation (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest.py
 
 
 def paired_batch(n, d, seed=0, dtype=torch.float32, clusters=4):

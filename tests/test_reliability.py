@@ -48,14 +48,7 @@ def flags(logs, name, method, *extra):
             "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "", *METHODS[method], *extra]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Subprocesses get OMP_NUM_THREADS=1 (on a few shared cores, oversubscribed threads crawl); in-process
-    runs match them, as another thread count may round differently."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
