@@ -131,12 +131,13 @@ class NeuCLIPEstimator(NormalizerEstimator):
         img, txt = self._sides(feats, stats, rows=feats.local)
         params, values = self._params(), []
         for _ in range(self.repetition):
-            value_img, grads_img = self.npn_img.value_and_grad(img.anchors, img.positive_sim, img.scale, img.eps,
-                                                               img.log_norm, self.objective_name)
-            value_txt, grads_txt = self.npn_txt.value_and_grad(txt.anchors, txt.positive_sim, txt.scale, txt.eps,
-                                                               txt.log_norm, self.objective_name)
-            self.optimizer.step_(params, average_over_ranks_(grads_img + grads_txt))
-            values.append(value_img + value_txt)
+            value, grads = 0.0, []
+            for npn, side in ((self.npn_img, img), (self.npn_txt, txt)):  # params order: image NPN first
+                side_value, side_grads = npn.value_and_grad(side.anchors, side.positive_sim, side.scale, side.eps,
+                                                            side.log_norm, self.objective_name)
+                value, grads = value + side_value, grads + side_grads
+            self.optimizer.step_(params, average_over_ranks_(grads))
+            values.append(value)
         return values[0], values[-1]
 
     def _objective(self, a_img, a_txt, img: Side, txt: Side) -> torch.Tensor:
