@@ -10,7 +10,7 @@ from the run's params.txt), one line per run, labelled by run folder name (or --
   Training loss         TensorBoard train/loss (the gcl family's objective), else train/contrastive_loss
                         (OpenCLIP, SigLIP): each method's own objective; raw values faint, EMA-smoothed solid.
   Temperature           train/tau, else 1 / train/logit_scale.
-  Estimation error      diag/est_err/mean (training.diagnostics), else checkpoints/results.jsonl's est_err/mean.
+  Estimation error      diag/est_err/mean (training.eval.estimation_error), else checkpoints/results.jsonl's est_err/mean.
   Zero-shot accuracy    checkpoints/results.jsonl's --metric (builtin/mean_top1), written after each epoch.
                         An evaluation line has only its epoch: its x is epoch x samples per epoch, with the
                         steps per epoch that out.log's start-up line reports.

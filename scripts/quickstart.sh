@@ -11,7 +11,7 @@ SAMPLES=${SAMPLES:-10000}
 EPOCHS=${EPOCHS:-4}
 NAME=${NAME:-quickstart-neuclip-$(date +%Y%m%d-%H%M%S)}
 if [ ! -f "$DATA/info.json" ]; then
-  PYTHONPATH=src python -m training.synthetic --out "$DATA" --num-samples "$SAMPLES" --samples-per-shard 1000 --workers 2
+  PYTHONPATH=src python -m training.data.synthetic --out "$DATA" --num-samples "$SAMPLES" --samples-per-shard 1000 --workers 2
 fi
 SHARDS=$(python -c "import json; print(json.load(open('$DATA/info.json'))['pattern'])")
 

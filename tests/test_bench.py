@@ -1,4 +1,4 @@
-"""training.bench: a smoke run of every part at tiny sizes (--quick plus smaller overrides), and its pieces."""
+"""training.bench.cli: a smoke run of every part at tiny sizes (--quick plus smaller overrides), and its pieces."""
 import json
 import math
 import os
@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-import training.evaluation as evaluation
-from training import bench, bench_cost, bench_train
-from training.bench_common import markdown_table, method_spec, quantile
+import training.eval.evaluation as evaluation
+from training.bench import cli as bench, cost as bench_cost, memory as bench_memory, train as bench_train
+from training.bench.common import markdown_table, method_spec, quantile
 
 TINY = ["--quick", "--workers", "0", "--no-memory", "--no-estimate",
         "--cost-batch", "8", "--cost-warmup", "1", "--cost-repeats", "2", "--cost-data-batches", "1",
@@ -96,7 +96,7 @@ def test_bad_sizes_fail_before_running(tmp_path, capsys):
 
 def test_state_grows_with_n_only_for_per_sample_estimators():
     specs = [method_spec("openclip"), method_spec("fastclip"), method_spec("neuclip", protos=16, key="neuclip")]
-    rows = {r["key"]: r for r in bench_cost.state_sizes(specs, [8], [100, 1000], [10 ** 8])}
+    rows = {r["key"]: r for r in bench_memory.state_sizes(specs, [8], [100, 1000], [10 ** 8])}
     assert rows["openclip"]["sizes"]["100000000"]["bytes"] == 0
     fast = rows["fastclip"]
     assert fast["per_sample_bytes"] > 0 and fast["formula_matches_allocated"]
@@ -141,7 +141,7 @@ def test_finished_runs_are_reused(tmp_path, monkeypatch):
 
 def test_memory_probe_reports_a_peak():
     spec = method_spec("openclip")
-    result = bench_cost.memory_probe({"model": "neuclip-tiny", "batch": 4, "batches": 1, "steps": 1, "threads": 0,
+    result = bench_memory.memory_probe({"model": "neuclip-tiny", "batch": 4, "batches": 1, "steps": 1, "threads": 0,
                                       "spec": {"key": spec.key, "family": spec.family, "label": spec.label,
                                                "flags": list(spec.flags)}})
     assert result["rss_after"] >= result["rss_before"] > 0 and result["delta"] >= 0
@@ -155,7 +155,7 @@ def _error_run(method, batch, n, values):
 
 def test_error_targets_are_judged_from_the_numbers():
     """NeuCLIP lowest everywhere and flattest in batch, but not in data size: the verdicts must say exactly that."""
-    from training.bench_targets import error_target_lines, growth, error_cells
+    from training.bench.targets import error_target_lines, growth, error_cells
     table = {"openclip": {(64, 10): 4.0, (128, 10): 1.0, (64, 100): 4.0, (128, 100): 1.0},
              "fastclip": {(64, 10): 2.0, (128, 10): 1.0, (64, 100): 2.0, (128, 100): 1.0},
              "neuclip": {(64, 10): 0.3, (128, 10): 0.2, (64, 100): 0.6, (128, 100): 0.4}}
@@ -170,7 +170,7 @@ def test_error_targets_are_judged_from_the_numbers():
 
 
 def test_quality_target_uses_paired_seed_differences():
-    from training.bench_targets import quality_target_lines
+    from training.bench.targets import quality_target_lines
     acc = {"openclip": [0.50, 0.52, 0.51], "fastclip": [0.51, 0.53, 0.52], "neuclip": [0.52, 0.54, 0.53]}
     runs = [{"method": m, "seed": s, "metrics": {"builtin/mean_top1": v}} for m, vs in acc.items()
             for s, v in enumerate(vs)]

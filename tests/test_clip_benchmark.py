@@ -34,7 +34,7 @@ from clip_benchmark.metrics import zeroshot_classification  # noqa: E402
 import open_clip  # noqa: E402
 
 import training  # noqa: E402,F401  (registers neuclip-tiny in this process, for clip-benchmark's loader)
-from training.evaluation import (BUILTIN_N_PER_TASK, EvalSettings, builtin_tasks,  # noqa: E402
+from training.eval.evaluation import (BUILTIN_N_PER_TASK, EvalSettings, builtin_tasks,  # noqa: E402
                                  evaluate_builtin_zero_shot)
 from training.main import main as train_main  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests for training.data: tiny shards and CSVs written per test, a char-level stand-in tokenizer."""
+"""Tests for training.data.loader: tiny shards and CSVs written per test, a char-level stand-in tokenizer."""
 import argparse
 import io
 import json
@@ -11,8 +11,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from training.data import get_data, resolve_dataset_type
-from training.data_checks import SkipLog, group_by_keys
+from training.data.loader import get_data, resolve_dataset_type
+from training.data.checks import SkipLog, group_by_keys
 
 CONTEXT = 16
 IMAGE_SIDE = 8
@@ -332,7 +332,7 @@ def test_csv_rows_beyond_data_size_raise_before_training(tmp_path):
 # ------------------------------------------------------------------------------ synthetic
 
 def test_synthetic_data_set(tmp_path):
-    pytest.importorskip("training.synthetic")
+    pytest.importorskip("training.data.synthetic.samples")
     info = train_info(dataset_type="synthetic", synthetic_num_samples=12, batch_size=4)
     assert info.num_batches == 3
     images, texts, keys = epoch_batches(info)[0]

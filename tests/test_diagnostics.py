@@ -1,4 +1,4 @@
-"""The normalizer estimation-error diagnostic (training.diagnostics): the truth, every method's estimate,
+"""The normalizer estimation-error diagnostic (training.eval.estimation_error): the truth, every method's estimate,
 reporting, distributed safety and the standalone path on a run folder."""
 import json
 import logging
@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import training  # noqa: F401  (registers neuclip-tiny)
 from contrastive import Features, build_method, comm, core
-from training import diagnostics as diag
-from training.evaluation import EvalSettings
+from training.eval import diagnostics as diag_cli, estimation_error as diag
+from training.eval.evaluation import EvalSettings
 from training.main import main as train_main
 from training.params import parse_args
-from training.synthetic import get_sample, write_shards
+from training.data.synthetic.samples import get_sample
+from training.data.synthetic.shards import write_shards
 
 R = 48          # reference samples
 BATCH = 16      # training global batch in these tests
@@ -272,7 +273,7 @@ def test_log_estimation_error_reports_to_log_tensorboard_and_results(tiny, refer
     model = tiny[0]
     method, args = fresh_method(model, "fastclip")
     tb = RecordingTensorBoard()
-    with caplog.at_level(logging.INFO, logger="training.diagnostics"):
+    with caplog.at_level(logging.INFO, logger="training.eval.diagnostics"):
         record = diag.log_estimation_error(model, method, reference, args, "cpu", step=6, epoch=1.5, tb=tb,
                                            run_dir=str(tmp_path))
     metrics = {k: v for k, v in record.items() if k.startswith(("est_err/", "est_bias/"))}
@@ -322,14 +323,14 @@ def test_standalone_on_a_run_folder(tmp_path, capsys):
     train_main(flags)
     run_dir = str(tmp_path / "npn")
 
-    args = diag.run_args(run_dir)  # params.txt round trip: every value as main() had it
+    args = diag_cli.run_args(run_dir)  # params.txt round trip: every value as main() had it
     with open(os.path.join(run_dir, "params.txt")) as f:
         for line in f:
             name, value = line.rstrip("\n").split(": ", 1)
             assert str(getattr(args, name)) == value, name
     assert args.method == "gcl" and args.estimator == "npn" and args.world_size == 1 and args.npn is True
 
-    record = diag.main(["--train_output_dir", run_dir])
+    record = diag_cli.main(["--train_output_dir", run_dir])
     out = os.path.join(run_dir, "eval_results", "epoch_1_estimation_error.json")
     with open(out) as f:
         assert json.load(f) == record
@@ -341,7 +342,7 @@ def test_standalone_on_a_run_folder(tmp_path, capsys):
     device = torch.device("cpu")
     checkpoint = os.path.join(run_dir, "checkpoints", "epoch_1.pt")
     args.device, args.is_master, args.rank = "cpu", True, 0
-    model, method, preprocess, tokenizer, _ = diag.load_run(run_dir, checkpoint, args, device)
+    model, method, preprocess, tokenizer, _ = diag_cli.load_run(run_dir, checkpoint, args, device)
     reference = diag.reference_set(args, preprocess, tokenizer, 32)
     fresh = build_method(args.method, args, open_clip.create_model("neuclip-tiny"))
     with_npn = diag.estimation_error(model, method, reference, args, device)

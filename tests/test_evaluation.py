@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import training  # noqa: F401  (registers neuclip-tiny)
-from training import evaluation
-from training.evaluate import group_lines, main as evaluate_main, resolve_checkpoint
-from training.evaluation import (
+from training.eval import evaluation
+from training.eval.evaluate import group_lines, main as evaluate_main, resolve_checkpoint
+from training.eval.evaluation import (
     EvalSettings, candidate_accuracy, caption_groups, class_embeddings, clip_loss, encode_images, encode_texts,
     evaluate, evaluate_imagefolder, imagefolder_classnames, pair_metrics, retrieval_recall, unique_by_key,
     write_info_pkl, zero_shot_accuracy,

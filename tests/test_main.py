@@ -8,7 +8,7 @@ import torch
 
 import training  # noqa: F401  (registers neuclip-tiny)
 from training.main import main
-from training.synthetic import write_shards
+from training.data.synthetic.shards import write_shards
 
 N_SAMPLES = 64
 

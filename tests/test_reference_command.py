@@ -12,7 +12,7 @@ import open_clip
 import torch
 
 import training  # noqa: F401  (registers neuclip-tiny)
-from training.synthetic import write_shards
+from training.data.synthetic.shards import write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -23,12 +23,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import training  # noqa: F401  (registers neuclip-tiny)
 from training.checkpoint import read_checkpoint
-from training.data import get_data
+from training.data.loader import get_data
 from training.main import main
 from training.params import parse_args
 from training import preemption
 from training.preemption import EXIT_REQUEUE, StepCheckpoints, StopSignals, slurm_job_id
-from training.synthetic import write_shards
+from training.data.synthetic.shards import write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "src", "training", "main.py")
@@ -387,7 +387,7 @@ ABANDONED_LOADER = """
 import sys, time, torch
 sys.path.insert(0, {src!r})
 from torch.utils.data import DataLoader, Dataset
-from training.data import ignore_stop_signals
+from training.data.loader import ignore_stop_signals
 
 class Slow(Dataset):
     def __len__(self):
@@ -405,7 +405,7 @@ raise SystemExit(3)  # the training process fails with a loader mid-epoch
 
 def test_process_with_an_abandoned_loader_exits_despite_workers_ignoring_sigterm(tmp_path):
     """Workers ignore SIGTERM (slurm signals the whole step); multiprocessing's exit handler SIGTERMs and then
-    joins daemonic children, so without training.data's atexit hook this process would never exit."""
+    joins daemonic children, so without training.data.loader's atexit hook this process would never exit."""
     script = tmp_path / "abandon.py"
     script.write_text(ABANDONED_LOADER.format(src=os.path.join(ROOT, "src")))
     start = time.perf_counter()

@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from training import synthetic
-from training.synthetic import (
+from training.data.synthetic import samples as synthetic, shards
+from training.data.synthetic.samples import (
     ANCHORS, BACKGROUND_COLOURS, COLOUR_WORDS, INVERSE_RELATION, RELATION_PHRASES, SHAPE_COLOURS, SHAPE_WORDS,
-    SyntheticCaptions, draw_spec, get_sample, render, sample_spec, stream_rng, write_shards,
+    SyntheticCaptions, draw_spec, get_sample, render, sample_spec, stream_rng,
 )
-from training.synthetic_tasks import (
+from training.data.synthetic.shards import write_shards
+from training.data.synthetic.tasks import (
     RETRIEVAL_STREAM, TASK_NAMES, classification_tasks, describe, relation_candidates, retrieval_split,
 )
 
@@ -187,7 +188,7 @@ def test_shards_are_byte_reproducible_with_workers(tmp_path):
 
 def test_cli_prints_brace_pattern(tmp_path, capsys):
     out_dir = str(tmp_path / "cli")
-    synthetic.main(["--out", out_dir, "--num-samples", "7", "--seed", "3", "--samples-per-shard", "4", "--size", "16"])
+    shards.main(["--out", out_dir, "--num-samples", "7", "--seed", "3", "--samples-per-shard", "4", "--size", "16"])
     assert capsys.readouterr().out.strip() == os.path.join(out_dir, "{00000..00001}.tar")
 
 

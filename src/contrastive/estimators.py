@@ -32,68 +32,11 @@ from torch import nn
 
 from .estimator import BatchStats, Estimate, NormalizerEstimator, register_estimator
 from .features import Features
+from .table import PerSampleTable
+from .temperature import per_sample_temperature_bytes
 
 #: The reference's threshold below which a stored u counts as never set.
 LOG_RESET_THRESHOLD = math.log(1e-35)
-
-
-# --------------------------------------------------------------------------------- per-sample state
-
-class PerSampleTable(nn.Module):
-    """Named columns of per-sample values indexed by sample key, kept on the host in their own dtype.
-
-    The columns are buffers, so `state_dict()` checkpoints them; `.to(device)` / `.double()` on an
-    enclosing module leave them where and as they are (see `_apply`).
-    """
-
-    def __init__(self, size: int, columns: dict[str, tuple[torch.dtype, float]], owner: str):
-        super().__init__()
-        if size < 1:
-            raise ValueError(f"{owner} keeps one entry per sample key: set --data_size to the size of "
-                             f"the key space (largest key + 1); got {size}")
-        self.size, self.owner = size, owner
-        for name, (dtype, fill) in columns.items():
-            self.register_buffer(name, torch.full((size,), fill, dtype=dtype))
-
-    @staticmethod
-    def bytes_per_sample(columns: dict[str, tuple[torch.dtype, float]]) -> int:
-        return sum(torch.empty((), dtype=dtype).element_size() for dtype, _ in columns.values())
-
-    def _apply(self, fn, recurse=True):
-        # Module.to / .cuda / .double / .half all go through _apply: per-sample state stays on the
-        # host in its own dtype whatever device or precision the rest of the method moves to.
-        return self
-
-    def host_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys as host int64 indices, checked against the table's size."""
-        keys = keys.detach().to("cpu", torch.int64)
-        if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.size):
-            bad = int(keys.max()) if int(keys.max()) >= self.size else int(keys.min())
-            raise IndexError(f"{self.owner}: sample key {bad} is outside [0, {self.size}): --data_size "
-                             "must be at least the largest key + 1")
-        return keys
-
-    def read(self, name: str, keys: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Column `name` at host `keys`, on `like`'s device and in its dtype."""
-        return getattr(self, name)[keys].to(device=like.device, dtype=like.dtype)
-
-    def write(self, keys: torch.Tensor, **columns: torch.Tensor) -> None:
-        """Store values by host key; of repeated keys the last occurrence wins."""
-        last = last_occurrences(keys)
-        keys = keys[last]
-        for name, values in columns.items():
-            column = getattr(self, name)
-            column[keys] = values.detach()[last.to(values.device)].to("cpu", column.dtype)
-
-
-def last_occurrences(keys: torch.Tensor) -> torch.Tensor:
-    """Positions of each distinct key's last occurrence (index_put with repeated indices is undefined)."""
-    if keys.numel() == 0:
-        return keys
-    distinct, inverse = torch.unique(keys, return_inverse=True)
-    positions = torch.arange(keys.numel(), device=keys.device)
-    last = torch.full((distinct.numel(),), -1, dtype=positions.dtype, device=keys.device)
-    return last.scatter_reduce(0, inverse, positions, reduce="amax")
 
 
 # ---------------------------------------------------------------------------------------- estimators
@@ -191,9 +134,6 @@ def build_moving_average(args, embed_dim: int) -> MovingAverageEstimator:
 
 def per_sample_state_bytes(args) -> int:
     """Bytes of per-sample state one rank keeps for these flags (every rank keeps a full copy)."""
-    # Imported here: temperature.py builds its tables from this module.
-    from .temperature import per_sample_temperature_bytes
-
     per_sample = per_sample_temperature_bytes(args.temperature_scheme)
     if args.estimator == "moving_average":
         per_sample += PerSampleTable.bytes_per_sample(MovingAverageEstimator.COLUMNS)

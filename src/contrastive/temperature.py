@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import comm
-from .estimators import PerSampleTable
+from .table import PerSampleTable
 from .features import Features, fp32
 
 TAU_MIN, TAU_MAX = 0.01, 1.0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import barrier, broadcast_object, unwrap
+from training.distributed import barrier, broadcast_object, unwrap
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2

@@ -13,7 +13,7 @@ import torch
 
 from contrastive import Features, comm
 
-from .distributed import unwrap
+from training.distributed import unwrap
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)

@@ -33,17 +33,17 @@ import torch
 import training  # noqa: F401  (registers the project's model configs)
 from contrastive import build_method
 
-from .checkpoint import CheckpointManager, map_position
-from .data import get_data
-from .distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
-from .diagnostics import EstimationErrorMonitor
-from .evaluation import evaluate, write_info_pkl
-from .logger import TensorBoard, setup_logging
-from .loop import TrainState, train_one_epoch
-from .optim import build_optimizer
-from .params import default_run_name, parse_args, resolve_precision, schedule_numbers
-from .preemption import Preempted, StepCheckpoints, StopSignals
-from .scheduler import LRScheduler
+from training.checkpoint import CheckpointManager, map_position
+from training.data.loader import get_data
+from training.distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
+from training.eval.estimation_error import EstimationErrorMonitor
+from training.eval.evaluation import evaluate, write_info_pkl
+from training.logger import TensorBoard, setup_logging
+from training.loop import TrainState, train_one_epoch
+from training.optim import build_optimizer
+from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
+from training.preemption import Preempted, StepCheckpoints, StopSignals
+from training.scheduler import LRScheduler
 
 log = logging.getLogger("training")
 

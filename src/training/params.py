@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop after this epoch (chained jobs)")
     run.add_argument("--est-err-every", type=int, default=0,
                      help="measure the normalizer estimation error every N steps and at each epoch's end "
-                          "(training.diagnostics; TensorBoard diag/, results.jsonl); 0: off")
+                          "(training.eval.estimation_error; TensorBoard diag/, results.jsonl); 0: off")
     run.add_argument("--est-err-samples", type=int, default=2048,
                      help="size of the estimation error's reference set: the first R training samples by key")
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .distributed import all_reduce_max_, barrier
+from training.distributed import all_reduce_max_, barrier
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75
