@@ -1,11 +1,15 @@
-"""clip-benchmark 1.6.2, the zero-shot client the DataComp evaluation builds on, scores a checkpoint written by
-our trainer exactly as our own evaluator does.
+"""clip-benchmark, the zero-shot client the DataComp evaluation builds on, scores a checkpoint written by
+our trainer exactly as our own evaluator does, with the DataComp fork's settings: autocast off and 4
+data-loader workers reading at least 4 shards per task.
+
+clip-benchmark is in requirements-test.txt, so a failed import FAILS this module (it skipped before: 1.6.2
+imports `requests` without declaring it, and a skip hid that the client could not run at all).
 
 The built-in zero-shot tasks are exported as clip-benchmark's local webdataset layout (what
 `clip_benchmark.datasets.builder.build_wds_dataset` reads):
 
-    ROOT/<task>/test/0.tar                          NNNNNN.png (lossless: the exact pixels) + NNNNNN.cls (label)
-    ROOT/<task>/test/nshards.txt                    "1"
+    ROOT/<task>/test/{0..3}.tar                     NNNNNN.png (lossless: the exact pixels) + NNNNNN.cls (label)
+    ROOT/<task>/test/nshards.txt                    "4"
     ROOT/<task>/classnames.txt                      one class name per line, in label order
     ROOT/<task>/zeroshot_classification_templates.txt   one template per line, "{c}" for the class name
 
@@ -14,9 +18,9 @@ has registered `neuclip-tiny` with open_clip) evaluates `--model neuclip-tiny --
 its default autocast would run the encoders in bf16 on a CPU (fp16 on CUDA) and move the scores.
 
 clip-benchmark 1.6.2's `zeroshot_classification.accuracy` calls float() on a 1-element numpy array, a
-TypeError under numpy >= 2.4 (the same bug as open_clip's zero_shot.accuracy). When it fails, the test swaps in
-the same computation with `.item()`; the DataComp fork, which imports that function, needs the same fix (or
-numpy < 2.4) to run here.
+TypeError under numpy >= 2.4 (the same bug as open_clip's zero_shot.accuracy). The test environment shares
+the trainer's numpy 2.4, so when it fails the test swaps in the same computation with `.item()`; the
+evaluation environment (requirements-eval.txt) pins numpy < 2.4 instead, which the DataComp fork needs.
 """
 import io
 import json
@@ -27,9 +31,8 @@ import tarfile
 import pytest
 import torch
 
-cli = pytest.importorskip("clip_benchmark.cli",
-                          reason="clip-benchmark is not installed (pip install -r requirements-eval.txt)")
-from clip_benchmark.metrics import zeroshot_classification  # noqa: E402
+from clip_benchmark import cli  # a missing client fails here: pip install -r requirements-test.txt
+from clip_benchmark.metrics import zeroshot_classification
 
 import open_clip  # noqa: E402
 
@@ -39,6 +42,7 @@ from training.eval.evaluation import (BUILTIN_N_PER_TASK, EvalSettings, builtin_
 from training.main import main as train_main  # noqa: E402
 
 SEED = 0
+SHARDS, WORKERS = 4, 4  # the DataComp fork's data loader: 4 workers, each needs a shard of its own
 # clip-benchmark's own WebDataset(...) call leaves shardshuffle unset, which webdataset 1.0.2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:WebDataset\\(shardshuffle=...\\) is None")
 
@@ -55,17 +59,19 @@ def checkpoint(tmp_path_factory):
 
 
 def write_wds_classification(root: str, task) -> None:
-    """One built-in zero-shot task as a clip-benchmark webdataset folder."""
+    """One built-in zero-shot task as a clip-benchmark webdataset folder of SHARDS shards."""
     os.makedirs(os.path.join(root, "test"))
-    with tarfile.open(os.path.join(root, "test", "0.tar"), "w") as tar:
-        for i, (image, label) in enumerate(zip(task.images, task.labels)):
-            png = io.BytesIO()
-            image.save(png, format="PNG")
-            for name, data in ((f"{i:06d}.png", png.getvalue()), (f"{i:06d}.cls", str(label).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    files = {os.path.join("test", "nshards.txt"): "1",
+    samples = list(enumerate(zip(task.images, task.labels)))
+    for shard in range(SHARDS):
+        with tarfile.open(os.path.join(root, "test", f"{shard}.tar"), "w") as tar:
+            for i, (image, label) in samples[shard::SHARDS]:
+                png = io.BytesIO()
+                image.save(png, format="PNG")
+                for name, data in ((f"{i:06d}.png", png.getvalue()), (f"{i:06d}.cls", str(label).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    files = {os.path.join("test", "nshards.txt"): str(SHARDS),
              "classnames.txt": "\n".join(task.classnames),
              "zeroshot_classification_templates.txt": "\n".join(t.replace("{}", "{c}") for t in task.templates)}
     for name, text in files.items():
@@ -89,6 +95,8 @@ def accuracy_works() -> bool:
 
 
 def test_clip_benchmark_matches_our_evaluator(checkpoint, tmp_path, monkeypatch):
+    """Catches a checkpoint clip-benchmark cannot load or scores differently from our evaluator, and a
+    client that breaks with the fork's settings (no autocast, 4 workers over 4 shards)."""
     tasks = {name: task for name, task in builtin_tasks(SEED, BUILTIN_N_PER_TASK).items() if task.is_zero_shot}
     assert len(tasks) == 5
     root, out = tmp_path / "wds", tmp_path / "results"
@@ -101,7 +109,7 @@ def test_clip_benchmark_matches_our_evaluator(checkpoint, tmp_path, monkeypatch)
     monkeypatch.setattr(sys, "argv", [
         "clip_benchmark", "eval", "--model", "neuclip-tiny", "--pretrained", checkpoint,
         "--dataset", *[f"wds/{name}" for name in tasks], "--dataset_root", str(root / "{dataset}"),
-        "--task", "zeroshot_classification", "--no_amp", "--num_workers", "0", "--batch_size", "128",
+        "--task", "zeroshot_classification", "--no_amp", "--num_workers", str(WORKERS), "--batch_size", "128",
         "--output", str(out / "{dataset}.json"), "--quiet"])
     cli.main()
 

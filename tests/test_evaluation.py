@@ -243,7 +243,7 @@ def make_imagefolder(root):
 
 
 def read_lines(run_dir):
-    with open(os.path.join(run_dir, "eval_results", "epoch_1_eval_results.jsonl")) as f:
+    with open(os.path.join(run_dir, "eval_results", "epoch_1_builtin_eval_results.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
@@ -266,11 +266,27 @@ def test_standalone_evaluator_matches_in_process(in_process, tiny, tmp_path, sma
     with open(os.path.join(run_dir, "info.pkl"), "rb") as f:
         assert pickle.load(f) == {"scale_config": {"model": ARCH}, "checkpoint": latest}
 
-    os.remove(os.path.join(run_dir, "eval_results", "epoch_1_eval_results.jsonl"))
+    os.remove(os.path.join(run_dir, "eval_results", "epoch_1_builtin_eval_results.jsonl"))
     by_epoch = evaluate_main(["--train_output_dir", run_dir, "--epoch", "1", "--batch-size", str(BATCH)])
     assert by_epoch == pytest.approx(builtin, abs=1e-6)
     assert len(read_lines(run_dir)) == len(TASKS) + 2
     assert "builtin/colour" in capsys.readouterr().out
+
+
+def test_standalone_evaluator_leaves_the_datacomp_forks_results_alone(in_process, tmp_path, small_builtin):
+    """Catches our evaluator overwriting eval_results/epoch_N_eval_results.jsonl, the DataComp fork's file
+    (it used to write that very name with mode "w", erasing the fork's ImageNet and MSCOCO lines)."""
+    run_dir = str(tmp_path / "run")
+    save_run(in_process.model, run_dir)
+    fork_file = os.path.join(run_dir, "eval_results", "epoch_1_eval_results.jsonl")
+    os.makedirs(os.path.dirname(fork_file))
+    fork_lines = '{"key": "imagenet1k", "dataset": "ImageNet 1k", "metrics": {"acc1": 0.5}}\n'
+    with open(fork_file, "w") as f:
+        f.write(fork_lines)
+    evaluate_main(["--train_output_dir", run_dir, "--epoch", "1", "--batch-size", str(BATCH), "--workers", "0"])
+    with open(fork_file) as f:
+        assert f.read() == fork_lines
+    assert read_lines(run_dir)  # ours went to a file of its own
 
 
 def test_checkpoint_resolution(tmp_path):
