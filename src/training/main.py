@@ -38,6 +38,7 @@ from training.data.loader import get_data
 from training.distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
 from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, write_info_pkl
+from training.export import config_from_args, write_config
 from training.logger import TensorBoard, setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
@@ -141,6 +142,8 @@ def train(args, info, signals: StopSignals) -> dict:
     if args.no_train_augmentation:
         preprocess_train = preprocess_val
     tokenizer = open_clip.get_tokenizer(args.model)
+    if args.is_master:  # the model config travels with the run: training.export, open_clip's local-dir:
+        write_config(run_dir, config_from_args(args, model))
     method = build_method(args.method, args, model).to(info.device)
     seed_everything(args.seed + args.rank)
 
