@@ -50,9 +50,10 @@ def model_config(model_name: str, *, force_quick_gelu: bool = False, force_custo
 
 def config_from_args(args, model: torch.nn.Module) -> dict:
     """{"model_cfg", "preprocess_cfg"} of the model the trainer built from its flags."""
-    model_cfg = model_config(args.model, **{name: getattr(args, name, default) for name, default in (
-        ("force_quick_gelu", False), ("force_custom_text", False), ("force_patch_dropout", None),
-        ("force_image_size", None), ("force_context_length", None))})
+    from training.model_setup import create_kwargs
+    kwargs = create_kwargs(args)
+    model_cfg = model_config(args.model, **{name: kwargs[name] for name in (
+        "force_quick_gelu", "force_custom_text", "force_patch_dropout", "force_image_size", "force_context_length")})
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     return {"model_cfg": model_cfg, "preprocess_cfg": json.loads(json.dumps(preprocess_cfg, default=list))}
 

@@ -39,7 +39,10 @@ from training.distributed import broadcast_object, init_distributed, report_fail
 from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, write_info_pkl
 from training.export import config_from_args, write_config
-from training.logger import TensorBoard, setup_logging
+from training.model_setup import apply_model_flags, create_kwargs
+from training.open_clip_flags import apply_logging_flags
+from training.reporting import build_reporters
+from training.logger import setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
@@ -126,6 +129,7 @@ def train(args, info, signals: StopSignals) -> dict:
     fill_data_defaults(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
+    apply_logging_flags(args, run_dir)
     if previous:
         log.info("run folder %s exists: resuming from its newest valid checkpoint (--no-auto-resume refuses)",
                  run_dir)
@@ -135,8 +139,7 @@ def train(args, info, signals: StopSignals) -> dict:
 
     seed_everything(args.seed)  # same model init on every rank
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        args.model, pretrained=args.pretrained or None, device=info.device,
-        precision="bf16" if args.precision == "bf16" else "fp32")
+        args.model, device=info.device, **create_kwargs(args))
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     if args.no_train_augmentation:
@@ -145,6 +148,7 @@ def train(args, info, signals: StopSignals) -> dict:
     if args.is_master:  # the model config travels with the run: training.export, open_clip's local-dir:
         write_config(run_dir, config_from_args(args, model))
     method = build_method(args.method, args, model).to(info.device)
+    apply_model_flags(model, method, args)
     seed_everything(args.seed + args.rank)
 
     # With --accum-freq k the loader yields whole steps (k micro-batches); the loop splits them.
@@ -182,9 +186,7 @@ def train(args, info, signals: StopSignals) -> dict:
     ddp_model = wrap_ddp(model, info)
     if args.torchcompile:
         ddp_model = torch.compile(ddp_model)
-    tb = TensorBoard(os.path.join(run_dir, "tensorboard")
-                     if args.is_master and "tensorboard" in (args.report_to or "") else None,
-                     purge_step=state.step or None)
+    tb = build_reporters(args, run_dir, purge_step=state.step or None)  # TensorBoard and/or wandb
     diagnostics = EstimationErrorMonitor.from_args(args, preprocess_val, tokenizer, info.device, tb, run_dir)
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
