@@ -26,6 +26,12 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def input_dtype(precision: str):
+    """open_clip's get_input_dtype: a model cast to bf16/fp16 as a whole takes images of that dtype."""
+    return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
+            "fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)
+
+
 @dataclass
 class TrainState:
     """What the loop advances: the global step and counters the log reports."""
@@ -64,7 +70,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
             break
         tau = 1.0 / raw_model.logit_scale.detach().exp().item() if scheduler.needs_tau else None
         lrs = scheduler.step(state.step, tau)
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, dtype=input_dtype(args.precision), non_blocking=True)
         texts = texts.to(device, non_blocking=True)
         keys = keys.to(device, non_blocking=True)
         data_time.add(time.perf_counter() - end)

@@ -144,7 +144,7 @@ def train(args, info, signals: StopSignals) -> dict:
         model.set_grad_checkpointing()
     if args.no_train_augmentation:
         preprocess_train = preprocess_val
-    tokenizer = open_clip.get_tokenizer(args.model)
+    tokenizer = open_clip.get_tokenizer(args.model, context_length=args.force_context_length)
     if args.is_master:  # the model config travels with the run: training.export, open_clip's local-dir:
         write_config(run_dir, config_from_args(args, model))
     method = build_method(args.method, args, model).to(info.device)

@@ -38,8 +38,19 @@ def apply_model_flags(model: torch.nn.Module, method: torch.nn.Module, args) -> 
         model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
                                freeze_bn_stats=args.lock_image_freeze_bn_stats)
     if args.lock_text:
-        model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers,
-                              freeze_layer_norm=args.lock_text_freeze_layer_norm)
+        if hasattr(model, "text"):  # CustomTextCLIP: the tower implements both meanings itself
+            model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers,
+                                  freeze_layer_norm=args.lock_text_freeze_layer_norm)
+        else:
+            # Native CLIP's lock_text_tower asserts freeze_layer_norm (it locks the norms with the layers),
+            # so open_clip_train crashes without --lock-text-freeze-layer-norm; give the flag its meaning
+            # here instead: the text tower's LayerNorms stay trainable unless it is set.
+            model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers, freeze_layer_norm=True)
+            if not args.lock_text_freeze_layer_norm:
+                for module in [model.transformer, model.ln_final]:
+                    for m in module.modules():
+                        if isinstance(m, torch.nn.LayerNorm):
+                            m.requires_grad_(True)
     if args.use_bn_sync and args.world_size > 1:  # open_clip converts only in distributed runs too
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BatchNorm children in place
     bias = getattr(model, "logit_bias", None)
