@@ -207,3 +207,25 @@ def test_report_to_wandb_writes_a_run_with_open_clips_names(tmp_path, monkeypatc
     assert [r["train/loss"] for r in rows] == pytest.approx([t["loss"] for _, t in summary["history"]])
     assert all(r["train/scale"] > 0 and "train/samples_per_second_per_gpu" in r for r in rows)
     assert not (tmp_path / "wb" / "tensorboard").exists()  # open_clip's meaning: only what is named
+
+
+def test_remote_sync_fsspec_copies_the_run_folder(tmp_path):
+    """Catches --remote-sync accepted without copying anything (or refused): with fsspec and a local
+    target, REMOTE/NAME ends as a byte-identical copy of the run folder, checkpoints included."""
+    remote = tmp_path / "remote"
+    run(tmp_path / "logs", "rs", "--precision", "fp32", "--remote-sync", str(remote), "--remote-sync-protocol",
+        "fsspec", "--remote-sync-frequency", "1", "--report-to", "tensorboard")
+    local = tmp_path / "logs" / "rs"
+    files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    assert local.joinpath("checkpoints", "epoch_1.pt") in [local / f for f in files]
+    for rel in files:
+        assert (remote / "rs" / rel).read_bytes() == (local / rel).read_bytes(), rel
+
+
+def test_remote_sync_s3_without_the_aws_cli_is_refused(monkeypatch, capsys):
+    """Catches a run that starts, trains and only fails (or silently never syncs) when the aws CLI that
+    --remote-sync-protocol s3 runs is missing."""
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--remote-sync", "s3://bucket/runs"])
+    assert exc.value.code == 2 and "aws CLI" in capsys.readouterr().err.strip().splitlines()[-1]

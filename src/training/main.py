@@ -41,6 +41,7 @@ from training.eval.evaluation import evaluate, write_info_pkl
 from training.export import config_from_args, write_config
 from training.model_setup import apply_model_flags, create_kwargs
 from training.open_clip_flags import apply_logging_flags
+from training.remote_sync import RemoteSync
 from training.reporting import build_reporters
 from training.logger import setup_logging
 from training.loop import TrainState, train_one_epoch
@@ -182,6 +183,7 @@ def train(args, info, signals: StopSignals) -> dict:
         log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, run_dir)
     if args.is_master:
         write_params(args, run_dir)
+    remote = RemoteSync.start(args, run_dir)  # --remote-sync; None without it
 
     ddp_model = wrap_ddp(model, info)
     if args.torchcompile:
@@ -207,9 +209,13 @@ def train(args, info, signals: StopSignals) -> dict:
             break
     tb.close()
     if control.stopped_at:
+        if remote is not None:
+            remote.close()  # the final sync: the preemption's checkpoint too
         shutdown()
         raise Preempted(*control.stopped_at)
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
+    if remote is not None:
+        remote.close()  # the final sync, after the last line of out.log
     summary = {"run_dir": run_dir, "step": state.step, "history": state.history,
                "skipped_nonfinite": state.skipped_nonfinite, "results": results}
     shutdown()

@@ -10,6 +10,8 @@ import argparse
 import ast
 import importlib.util
 
+from training.remote_sync import check_remote_sync_flags
+
 #: Refused flags: open_clip_train's spelling -> why, and what to do instead.
 REFUSED = {
     "--imagenet-v2": "ImageNet-v2 needs the imagenetv2_pytorch package, which is not installed: evaluate its "
@@ -35,10 +37,6 @@ REFUSED = {
     "--train-data-upsampling-factors": "per-source shard weights are not implemented in this loader: repeat "
                                        "a source's shard pattern in --train-data ('a::a::b') with "
                                        "--dataset-resampled to weight it",
-    "--remote-sync": "remote sync of the run folder is not implemented: sync logs/NAME yourself (aws s3 sync, "
-                     "rclone) or write --logs to a mounted file system",
-    "--remote-sync-frequency": "remote sync of the run folder is not implemented (see --remote-sync)",
-    "--remote-sync-protocol": "remote sync of the run folder is not implemented (see --remote-sync)",
 }
 #: open_clip_train's store_true flags among REFUSED (they take no value).
 _REFUSED_SWITCHES = {"--torchscript", "--trace", "--copy-codebase", "--horovod", "--ddp-static-graph",
@@ -99,6 +97,11 @@ def add_open_clip_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="DEBUG log level")
     g.add_argument("--wandb-notes", default="")
     g.add_argument("--wandb-project-name", default="open-clip")
+    g.add_argument("--remote-sync", default=None,
+                   help="copy the run folder to REMOTE/NAME periodically and at the end (training.remote_sync)")
+    g.add_argument("--remote-sync-frequency", type=int, default=300, help="seconds between syncs")
+    g.add_argument("--remote-sync-protocol", default="s3", choices=["s3", "fsspec"],
+                   help="s3: the aws CLI; fsspec: any fsspec URL or a local path")
     g.add_argument("--loss-dist-impl", default=None, choices=["bidir", "shift", "reduce", "gather"],
                    help="--siglip: how open_clip's SigLipLoss exchanges features between ranks")
     r = p.add_argument_group("open_clip_train flags refused (each says why when given)")
@@ -160,6 +163,7 @@ def validate_open_clip_flags(args) -> None:
         raise ValueError("--lock-image-unlocked-groups needs --lock-image")
     if args.lock_text_unlocked_layers and not args.lock_text:
         raise ValueError("--lock-text-unlocked-layers needs --lock-text")
+    check_remote_sync_flags(args)
     import open_clip
     cfg = open_clip.get_model_config(args.model)
     if cfg is not None and "multimodal_cfg" in cfg:
