@@ -229,3 +229,32 @@ def test_remote_sync_s3_without_the_aws_cli_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--remote-sync", "s3://bucket/runs"])
     assert exc.value.code == 2 and "aws CLI" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_train_data_upsampling_factors_weight_each_source():
+    """Catches --train-data-upsampling-factors accepted and ignored: with '1::3' the resampled shard stream
+    draws a shard of the second source 3 times as often as one of the first (open_clip's meaning)."""
+    from itertools import islice
+
+    from training.data.info import SharedEpoch
+    from training.data.loader import EpochResampledShards, shard_weights
+
+    pattern = "a/{0..3}.tar::b/{0..1}.tar"
+    weights = shard_weights(pattern, "1::3")
+    assert weights == [1.0] * 4 + [3.0] * 2
+    urls = [f"a/{i}.tar" for i in range(4)] + ["b/0.tar", "b/1.tar"]
+    drawn = [d["url"] for d in islice(EpochResampledShards(urls, 0, SharedEpoch(), 0, weights), 6000)]
+    from_b = sum(u.startswith("b/") for u in drawn) / len(drawn)
+    assert from_b == pytest.approx(6 / 10, abs=0.03)  # 2 shards x 3 against 4 shards x 1
+    uniform = [d["url"] for d in islice(EpochResampledShards(urls, 0, SharedEpoch(), 0), 6000)]
+    assert sum(u.startswith("b/") for u in uniform) / 6000 == pytest.approx(2 / 6, abs=0.03)
+
+
+@pytest.mark.parametrize("argv", [["--train-data", "a.tar::b.tar", "--train-data-upsampling-factors", "1::2"],
+                                  ["--train-data", "a.tar::b.tar", "--dataset-resampled",
+                                   "--train-data-upsampling-factors", "1::2::3"]])
+def test_train_data_upsampling_factors_need_resampling_and_one_factor_per_source(argv, capsys):
+    """Catches factors that would be ignored without --dataset-resampled, or misassigned to sources."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2 and "--train-data-upsampling-factors" in capsys.readouterr().err.splitlines()[-1]

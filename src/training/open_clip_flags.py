@@ -34,9 +34,6 @@ REFUSED = {
     "--distill-pretrained": "distillation is not implemented: train without a teacher",
     "--use-bnb-linear": "bitsandbytes int8 linear layers are not supported: drop it (--precision amp_bf16 "
                         "saves memory instead)",
-    "--train-data-upsampling-factors": "per-source shard weights are not implemented in this loader: repeat "
-                                       "a source's shard pattern in --train-data ('a::a::b') with "
-                                       "--dataset-resampled to weight it",
 }
 #: open_clip_train's store_true flags among REFUSED (they take no value).
 _REFUSED_SWITCHES = {"--torchscript", "--trace", "--copy-codebase", "--horovod", "--ddp-static-graph",
@@ -97,6 +94,9 @@ def add_open_clip_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="DEBUG log level")
     g.add_argument("--wandb-notes", default="")
     g.add_argument("--wandb-project-name", default="open-clip")
+    g.add_argument("--train-data-upsampling-factors", default=None,
+                   help="'f1::f2::...': draw the shards of each '::' source of --train-data with weight f_i "
+                        "(needs --dataset-resampled)")
     g.add_argument("--remote-sync", default=None,
                    help="copy the run folder to REMOTE/NAME periodically and at the end (training.remote_sync)")
     g.add_argument("--remote-sync-frequency", type=int, default=300, help="seconds between syncs")
@@ -163,6 +163,18 @@ def validate_open_clip_flags(args) -> None:
         raise ValueError("--lock-image-unlocked-groups needs --lock-image")
     if args.lock_text_unlocked_layers and not args.lock_text:
         raise ValueError("--lock-text-unlocked-layers needs --lock-text")
+    if args.train_data_upsampling_factors:
+        if not args.dataset_resampled or not args.train_data:
+            raise ValueError("--train-data-upsampling-factors weights the '::' sources of --train-data when "
+                             "shards are resampled: add --dataset-resampled (and --train-data)")
+        try:
+            factors = [float(f) for f in args.train_data_upsampling_factors.split("::")]
+        except ValueError:
+            raise ValueError(f"--train-data-upsampling-factors {args.train_data_upsampling_factors!r}: "
+                             "numbers joined by '::', e.g. 1::2") from None
+        if len(factors) != len([p for p in args.train_data.split("::") if p.strip()]) or min(factors) < 0:
+            raise ValueError("--train-data-upsampling-factors needs one factor >= 0 per '::' source of "
+                             "--train-data")
     check_remote_sync_flags(args)
     import open_clip
     cfg = open_clip.get_model_config(args.model)
