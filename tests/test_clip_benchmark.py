@@ -25,6 +25,7 @@ evaluation environment (requirements-eval.txt) pins numpy < 2.4 instead, which t
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 
@@ -94,15 +95,35 @@ def accuracy_works() -> bool:
     return True
 
 
-def test_clip_benchmark_matches_our_evaluator(checkpoint, tmp_path, monkeypatch):
-    """Catches a checkpoint clip-benchmark cannot load or scores differently from our evaluator, and a
-    client that breaks with the fork's settings (no autocast, 4 workers over 4 shards)."""
+@pytest.fixture(scope="module")
+def tasks():
     tasks = {name: task for name, task in builtin_tasks(SEED, BUILTIN_N_PER_TASK).items() if task.is_zero_shot}
     assert len(tasks) == 5
-    root, out = tmp_path / "wds", tmp_path / "results"
-    out.mkdir()
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def root(tasks, tmp_path_factory):
+    """The built-in zero-shot tasks in clip-benchmark's webdataset layout."""
+    root = tmp_path_factory.mktemp("wds")
     for name, task in tasks.items():
         write_wds_classification(str(root / name), task)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint):
+    model, _, preprocess = open_clip.create_model_and_transforms("neuclip-tiny", pretrained=checkpoint)
+    model.eval()
+    return evaluate_builtin_zero_shot(model, open_clip.get_tokenizer("neuclip-tiny"), preprocess,
+                                      EvalSettings(torch.device("cpu"), "fp32", 256), SEED)
+
+
+def test_clip_benchmark_matches_our_evaluator(checkpoint, tasks, root, ours, tmp_path, monkeypatch):
+    """Catches a checkpoint clip-benchmark cannot load or scores differently from our evaluator, and a
+    client that breaks with the fork's settings (no autocast, 4 workers over 4 shards)."""
+    out = tmp_path / "results"
+    out.mkdir()
 
     if not accuracy_works():
         monkeypatch.setattr(zeroshot_classification, "accuracy", numpy_safe_accuracy)
@@ -113,10 +134,6 @@ def test_clip_benchmark_matches_our_evaluator(checkpoint, tmp_path, monkeypatch)
         "--output", str(out / "{dataset}.json"), "--quiet"])
     cli.main()
 
-    model, _, preprocess = open_clip.create_model_and_transforms("neuclip-tiny", pretrained=checkpoint)
-    model.eval()
-    ours = evaluate_builtin_zero_shot(model, open_clip.get_tokenizer("neuclip-tiny"), preprocess,
-                                      EvalSettings(torch.device("cpu"), "fp32", 256), SEED)
     for name, task in tasks.items():
         with open(out / f"{name}.json") as f:
             result = json.load(f)
@@ -126,3 +143,47 @@ def test_clip_benchmark_matches_our_evaluator(checkpoint, tmp_path, monkeypatch)
         if len(task.classnames) > 5:  # our evaluator reports top-5 only where it is not trivially 1
             assert metrics["acc5"] == pytest.approx(ours[f"builtin/{name}/top5"], abs=1e-6), name
     assert any(ours[f"builtin/{name}/top1"] != ours["builtin/colour/top1"] for name in tasks)  # not degenerate
+
+
+# clip-benchmark's CLI in a bare interpreter (no PYTHONPATH, cwd outside the repository): only open_clip's
+# local-dir: loader can find the model. The numpy-2.4 patch is the one above, for the same reason.
+BARE_CLI = r"""
+import sys
+import torch
+from clip_benchmark import cli
+from clip_benchmark.metrics import zeroshot_classification as zc
+try:
+    zc.accuracy(torch.eye(6), torch.arange(6), topk=(1, 5))
+except TypeError:
+    def accuracy(output, target, topk=(1,)):
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+    zc.accuracy = accuracy
+sys.argv = ["clip_benchmark"] + sys.argv[1:]
+cli.main()
+assert not any(m.split(".")[0] in ("training", "contrastive") for m in sys.modules), "imported the project"
+"""
+
+
+def test_clip_benchmark_cli_scores_an_export_without_the_project(checkpoint, tasks, root, ours, tmp_path):
+    """Catches an exported model the clip-benchmark CLI cannot load where this project is not importable
+    (`neuclip-tiny` is unknown there: "Model config for 'neuclip-tiny' not found"), or scores differently."""
+    from training.export import main as export_main
+
+    run_dir = os.path.dirname(os.path.dirname(checkpoint))
+    export = str(tmp_path / "export")
+    export_main(["--train_output_dir", run_dir, "--epoch", "1", "--out", export])
+    names = ["colour", "shape"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", BARE_CLI, "eval", "--model", f"local-dir:{export}",
+                           "--pretrained", "none", "--dataset", *[f"wds/{n}" for n in names],
+                           "--dataset_root", str(root / "{dataset}"), "--task", "zeroshot_classification",
+                           "--no_amp", "--num_workers", "0", "--batch_size", "128",  # workers: tested above
+                           "--output", str(tmp_path / "{dataset}.json"), "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in names:
+        with open(tmp_path / f"{name}.json") as f:
+            metrics = json.load(f)["metrics"]
+        assert metrics["acc1"] == pytest.approx(ours[f"builtin/{name}/top1"], abs=1e-6), name
