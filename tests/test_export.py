@@ -79,3 +79,25 @@ def test_export_loads_in_plain_open_clip_with_the_same_embeddings(run_dir, tmp_p
         text = model.encode_text(open_clip.get_tokenizer("neuclip-tiny")(CAPTIONS), normalize=True)
     torch.testing.assert_close(theirs["image"], image, rtol=0, atol=1e-6)
     torch.testing.assert_close(theirs["text"], text, rtol=0, atol=1e-6)
+
+
+def test_pretrained_from_an_open_clip_train_checkpoint(tmp_path):
+    """Catches a checkpoint written by open_clip_train (DDP's "module." keys, its own optimizer groups and
+    top-level keys) not loading as --pretrained here: training must start from its weights."""
+    torch.manual_seed(123)
+    source = open_clip.create_model("neuclip-tiny")
+    with torch.no_grad():
+        source.logit_scale.fill_(2.0)
+    decay = [p for n, p in source.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in source.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.2}])
+    path = tmp_path / "open_clip_train_epoch_3.pt"
+    torch.save({"epoch": 3, "name": "theirs", "optimizer": optimizer.state_dict(),
+                "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    train_main(["--logs", str(tmp_path), "--name", "ours", "--model", "neuclip-tiny", "--pretrained", str(path),
+                "--batch-size", "16", "--epochs", "1", "--synthetic-num-samples", "32", "--workers", "0",
+                "--warmup", "1", "--lr", "1e-12", "--wd", "0", "--precision", "fp32", "--zeroshot-frequency", "0",
+                "--val-frequency", "0", "--report-to", ""])
+    trained = torch.load(tmp_path / "ours" / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(trained[key], value, rtol=0, atol=1e-9, msg=key)
