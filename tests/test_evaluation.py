@@ -202,8 +202,20 @@ def test_evaluate_writes_one_results_line_with_expected_keys(in_process, tiny):
     assert result["builtin/mean_top1"] == pytest.approx(sum(result[f"builtin/{t}/top1"] for t in TASKS) / 6)
     assert 0.03 <= result["builtin/colour/top1"] <= 0.3  # 8 classes: chance is 0.125
     assert result["builtin/retrieval/clip_loss"] > 0
-    assert in_process.tb.calls == [("eval", {k: v for k, v in result.items() if k != "epoch"}, 1)]
+    assert in_process.tb.calls[0] == ("eval", {k: v for k, v in result.items() if k != "epoch"}, 1)
     assert in_process.model.training  # train mode restored
+
+
+def test_evaluate_reports_open_clips_val_names_too(in_process):
+    """Catches dashboards written for open_clip finding nothing: open_clip_train's val/clip_val_loss,
+    val/image_to_text_R@1, ... must be reported beside this project's eval/ names, with the same values."""
+    result = in_process.result
+    prefix, values, step = in_process.tb.calls[1]
+    assert (prefix, step) == ("val", 1)
+    assert values["clip_val_loss"] == result["val/clip_loss"]
+    assert {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)} < set(values)
+    assert values["text_to_image_R@5"] == result["val/text_to_image_R@5"]
+    assert values["epoch"] == 1 and values["num_samples"] == 6  # the 6 unique validation pairs
 
 
 def test_val_set_is_deduplicated_by_key(in_process, tiny):
@@ -389,3 +401,12 @@ def test_gather_rows_over_two_gloo_ranks():
         port = s.getsockname()[1]
     # fork: the children inherit the imported modules (spawn re-imports open_clip: ~10 s)
     torch.multiprocessing.start_processes(_gather_worker, args=(2, port), nprocs=2, start_method="fork")
+
+
+def test_open_clip_imagenet_names():
+    """Catches zero-shot ImageNet results missing under open_clip's val/imagenet-zeroshot-val-top1/top5."""
+    from training.eval.open_clip_names import open_clip_val_names
+
+    assert open_clip_val_names({"imagenet/top1": 0.5, "imagenet/top5": 0.9, "builtin/mean_top1": 0.3}, 2) == {
+        "imagenet-zeroshot-val-top1": 0.5, "imagenet-zeroshot-val-top5": 0.9, "epoch": 2}
+    assert open_clip_val_names({"builtin/mean_top1": 0.3}, 2) == {}
