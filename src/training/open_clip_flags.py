@@ -23,7 +23,7 @@ REFUSED = {
     "--trace": "a traced model is not trained here (open_clip traces only for inference): drop it",
     "--copy-codebase": "the trainer does not copy its own source into the run folder: record the version "
                        "with git (params.txt keeps every flag)",
-    "--horovod": "horovod is not supported: launch with torchrun or srun (torch DDP), as README 'Running' shows",
+    "--horovod": "launch with torchrun or srun (torch DDP) instead, as README 'Running' shows",
     "--ddp-static-graph": "gradient accumulation recomputes micro-batches under DDP's no_sync, which a static "
                           "graph does not allow: drop it (it is only a speed-up)",
     "--no-set-device-rank": "each process uses cuda:LOCAL_RANK; with one GPU visible per process pass "
@@ -32,8 +32,8 @@ REFUSED = {
     "--coca-contrastive-loss-weight": "CoCa is not trained here (no caption loss): use a CLIP architecture",
     "--distill-model": "distillation is not implemented: train without a teacher",
     "--distill-pretrained": "distillation is not implemented: train without a teacher",
-    "--use-bnb-linear": "bitsandbytes int8 linear layers are not supported: drop it (--precision amp_bf16 "
-                        "saves memory instead)",
+    "--use-bnb-linear": "no bitsandbytes int8 linear layers here: drop it (--precision amp_bf16 saves memory "
+                        "instead)",
 }
 #: open_clip_train's store_true flags among REFUSED (they take no value).
 _REFUSED_SWITCHES = {"--torchscript", "--trace", "--copy-codebase", "--horovod", "--ddp-static-graph",
