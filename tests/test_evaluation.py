@@ -202,8 +202,20 @@ def test_evaluate_writes_one_results_line_with_expected_keys(in_process, tiny):
     assert result["builtin/mean_top1"] == pytest.approx(sum(result[f"builtin/{t}/top1"] for t in TASKS) / 6)
     assert 0.03 <= result["builtin/colour/top1"] <= 0.3  # 8 classes: chance is 0.125
     assert result["builtin/retrieval/clip_loss"] > 0
-    assert in_process.tb.calls == [("eval", {k: v for k, v in result.items() if k != "epoch"}, 1)]
+    assert in_process.tb.calls[0] == ("eval", {k: v for k, v in result.items() if k != "epoch"}, 1)
     assert in_process.model.training  # train mode restored
+
+
+def test_evaluate_reports_open_clips_val_names_too(in_process):
+    """Catches dashboards written for open_clip finding nothing: open_clip_train's val/clip_val_loss,
+    val/image_to_text_R@1, ... must be reported beside this project's eval/ names, with the same values."""
+    result = in_process.result
+    prefix, values, step = in_process.tb.calls[1]
+    assert (prefix, step) == ("val", 1)
+    assert values["clip_val_loss"] == result["val/clip_loss"]
+    assert {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)} < set(values)
+    assert values["text_to_image_R@5"] == result["val/text_to_image_R@5"]
+    assert values["epoch"] == 1 and values["num_samples"] == 6  # the 6 unique validation pairs
 
 
 def test_val_set_is_deduplicated_by_key(in_process, tiny):
@@ -243,7 +255,7 @@ def make_imagefolder(root):
 
 
 def read_lines(run_dir):
-    with open(os.path.join(run_dir, "eval_results", "epoch_1_eval_results.jsonl")) as f:
+    with open(os.path.join(run_dir, "eval_results", "epoch_1_builtin_eval_results.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
@@ -266,11 +278,27 @@ def test_standalone_evaluator_matches_in_process(in_process, tiny, tmp_path, sma
     with open(os.path.join(run_dir, "info.pkl"), "rb") as f:
         assert pickle.load(f) == {"scale_config": {"model": ARCH}, "checkpoint": latest}
 
-    os.remove(os.path.join(run_dir, "eval_results", "epoch_1_eval_results.jsonl"))
+    os.remove(os.path.join(run_dir, "eval_results", "epoch_1_builtin_eval_results.jsonl"))
     by_epoch = evaluate_main(["--train_output_dir", run_dir, "--epoch", "1", "--batch-size", str(BATCH)])
     assert by_epoch == pytest.approx(builtin, abs=1e-6)
     assert len(read_lines(run_dir)) == len(TASKS) + 2
     assert "builtin/colour" in capsys.readouterr().out
+
+
+def test_standalone_evaluator_leaves_the_datacomp_forks_results_alone(in_process, tmp_path, small_builtin):
+    """Catches our evaluator overwriting eval_results/epoch_N_eval_results.jsonl, the DataComp fork's file
+    (it used to write that very name with mode "w", erasing the fork's ImageNet and MSCOCO lines)."""
+    run_dir = str(tmp_path / "run")
+    save_run(in_process.model, run_dir)
+    fork_file = os.path.join(run_dir, "eval_results", "epoch_1_eval_results.jsonl")
+    os.makedirs(os.path.dirname(fork_file))
+    fork_lines = '{"key": "imagenet1k", "dataset": "ImageNet 1k", "metrics": {"acc1": 0.5}}\n'
+    with open(fork_file, "w") as f:
+        f.write(fork_lines)
+    evaluate_main(["--train_output_dir", run_dir, "--epoch", "1", "--batch-size", str(BATCH), "--workers", "0"])
+    with open(fork_file) as f:
+        assert f.read() == fork_lines
+    assert read_lines(run_dir)  # ours went to a file of its own
 
 
 def test_checkpoint_resolution(tmp_path):
@@ -373,3 +401,12 @@ def test_gather_rows_over_two_gloo_ranks():
         port = s.getsockname()[1]
     # fork: the children inherit the imported modules (spawn re-imports open_clip: ~10 s)
     torch.multiprocessing.start_processes(_gather_worker, args=(2, port), nprocs=2, start_method="fork")
+
+
+def test_open_clip_imagenet_names():
+    """Catches zero-shot ImageNet results missing under open_clip's val/imagenet-zeroshot-val-top1/top5."""
+    from training.eval.open_clip_names import open_clip_val_names
+
+    assert open_clip_val_names({"imagenet/top1": 0.5, "imagenet/top5": 0.9, "builtin/mean_top1": 0.3}, 2) == {
+        "imagenet-zeroshot-val-top1": 0.5, "imagenet-zeroshot-val-top5": 0.9, "epoch": 2}
+    assert open_clip_val_names({"builtin/mean_top1": 0.3}, 2) == {}

@@ -30,6 +30,9 @@ class LossOutput:
 class ContrastiveMethod(nn.Module):
     #: True when the method keeps per-sample state indexed by key (needs --data_size).
     uses_per_sample_state: bool = False
+    #: True when the loss uses `Features.logit_bias` (the model's own bias, where it has one); otherwise
+    #: the trainer freezes that bias, which would get no gradient (and break DDP's unused-parameter check).
+    uses_logit_bias: bool = False
 
     def on_epoch_start(self, epoch: int) -> None:
         pass

@@ -32,6 +32,7 @@ class Features:
     epoch: int = 0
     extras: dict = field(default_factory=dict)
     carries_step_gradient: bool = True
+    logit_bias: torch.Tensor | None = None  # the model's own bias (open_clip configs with init_logit_bias)
 
     @cached_property
     def all_image(self) -> torch.Tensor:
@@ -54,7 +55,7 @@ class Features:
         return self.image.shape[0] * comm.world_size()
 
     def micro_batch(self, rows: slice, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                    carries_step_gradient: bool) -> "Features":
+                    carries_step_gradient: bool, logit_bias: torch.Tensor | None = None) -> "Features":
         """This step's features with `rows` of the local batch replaced by a recomputation that carries
         gradient (gradient accumulation). Gathered views and `extras` are shared, not recomputed."""
         def splice(cached: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,9 @@ class Features:
         pass_feats = type(self)(image=splice(self.image, image), text=splice(self.text, text),
                                 logit_scale=logit_scale if carries_step_gradient else logit_scale.detach(),
                                 keys=self.keys, step=self.step, epoch=self.epoch, extras=self.extras,
-                                carries_step_gradient=carries_step_gradient)
+                                carries_step_gradient=carries_step_gradient,
+                                logit_bias=logit_bias if logit_bias is None or carries_step_gradient
+                                else logit_bias.detach())
         pass_feats.__dict__.update(all_image=self.all_image, all_text=self.all_text, all_keys=self.all_keys)
         return pass_feats
 

@@ -18,25 +18,34 @@ class OpenClipMethod(ContrastiveMethod):
 
     def forward(self, feats: Features) -> LossOutput:
         loss = self.loss_fn(fp32(feats.image), fp32(feats.text), fp32(feats.logit_scale))
-        return LossOutput(loss, {"contrastive_loss": loss.detach()})
+        # "loss" is the total, as open_clip logs it for every run; here the two are the same number.
+        return LossOutput(loss, {"loss": loss.detach(), "contrastive_loss": loss.detach()})
 
 
 class SigLipMethod(ContrastiveMethod):
-    """SigLIP's pairwise sigmoid loss. The bias lives here, not in the model, so checkpoints keep
-    exactly the architecture's keys and load in plain open_clip."""
+    """SigLIP's pairwise sigmoid loss. For an architecture without a bias the bias lives here, not in the
+    model, so checkpoints keep exactly the architecture's keys and load in plain open_clip; an
+    architecture with its own (open_clip's init_logit_bias configs) trains that one, as open_clip does."""
 
-    def __init__(self, init_bias: float = -10.0):
+    uses_logit_bias = True
+
+    def __init__(self, init_bias: float = -10.0, own_bias: bool = True, dist_impl: str | None = None):
         super().__init__()
-        self.logit_bias = nn.Parameter(torch.tensor(init_bias))
-        self.loss_fn = SigLipLoss(rank=comm.rank(), world_size=comm.world_size())
+        self.logit_bias = nn.Parameter(torch.tensor(init_bias)) if own_bias else None
+        self.loss_fn = SigLipLoss(rank=comm.rank(), world_size=comm.world_size(), dist_impl=dist_impl)
 
     def forward(self, feats: Features) -> LossOutput:
-        bias = self.logit_bias if feats.carries_step_gradient else self.logit_bias.detach()
+        if feats.logit_bias is not None:  # the model's: Features.micro_batch detaches it where it must
+            bias = feats.logit_bias
+        else:
+            bias = self.logit_bias if feats.carries_step_gradient else self.logit_bias.detach()
         loss = self.loss_fn(fp32(feats.image), fp32(feats.text), fp32(feats.logit_scale), bias.float())
-        return LossOutput(loss, {"contrastive_loss": loss.detach(),
-                                 "logit_bias": self.logit_bias.detach()})
+        return LossOutput(loss, {"loss": loss.detach(), "contrastive_loss": loss.detach(),
+                                 "logit_bias": bias.detach().reshape(())})
 
     def trainable_parameter_groups(self) -> list[dict]:
+        if self.logit_bias is None:
+            return []
         return [{"params": [self.logit_bias], "weight_decay": 0.0, "name": "siglip_bias"}]
 
 
@@ -50,5 +59,6 @@ def _build_siglip(args, model):
     # SigLIP's initialisation (and open_clip's with --siglip): t = log 10, b = −10.
     with torch.no_grad():
         model.logit_scale.fill_(math.log(10.0))
-    return SigLipMethod(init_bias=-10.0)
+    return SigLipMethod(init_bias=-10.0, own_bias=getattr(model, "logit_bias", None) is None,
+                        dist_impl=getattr(args, "loss_dist_impl", None))
 

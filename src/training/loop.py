@@ -26,6 +26,12 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def input_dtype(precision: str):
+    """open_clip's get_input_dtype: a model cast to bf16/fp16 as a whole takes images of that dtype."""
+    return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
+            "fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)
+
+
 @dataclass
 class TrainState:
     """What the loop advances: the global step and counters the log reports."""
@@ -64,7 +70,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
             break
         tau = 1.0 / raw_model.logit_scale.detach().exp().item() if scheduler.needs_tau else None
         lrs = scheduler.step(state.step, tau)
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, dtype=input_dtype(args.precision), non_blocking=True)
         texts = texts.to(device, non_blocking=True)
         keys = keys.to(device, non_blocking=True)
         data_time.add(time.perf_counter() - end)
@@ -85,7 +91,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
             terms = _mean_over_ranks(out.terms)  # collective: every rank takes part
             if args.is_master:
                 _log_step(state, epoch, i + 1, steps_this_epoch, terms, lrs, raw_model, method, data,
-                          batch_time, data_time, global_batch, tb)
+                          batch_time, data_time, global_batch, tb, args)
             batch_time, data_time = Meter(), Meter()
         if diagnostics is not None:  # normalizer estimation error, every --est-err-every steps
             diagnostics.after_step(raw_model, method, step=state.step, epoch=epoch + (i + 1) / steps_this_epoch,
@@ -107,9 +113,9 @@ def _compute_gradients(model, method, images, texts, keys, args, device, scaler,
     k = args.accum_freq
     if k == 1:
         with autocast(args.precision, device):
-            image_features, text_features, logit_scale = model(images, texts)
+            image_features, text_features, logit_scale, logit_bias = _encode(model, images, texts)
         feats = Features(image=image_features, text=text_features, logit_scale=logit_scale, keys=keys,
-                         step=step, epoch=epoch)
+                         step=step, epoch=epoch, logit_bias=logit_bias)
         method.before_encoder_step(feats)
         out = method(feats)
         _backward(out.loss, scaler)
@@ -117,20 +123,27 @@ def _compute_gradients(model, method, images, texts, keys, args, device, scaler,
     micro = images.shape[0] // k
     rows = [slice(j * micro, (j + 1) * micro) for j in range(k)]
     with torch.no_grad(), autocast(args.precision, device):
-        cached = [model(images[r], texts[r]) for r in rows]
+        cached = [_encode(model, images[r], texts[r]) for r in rows]
     feats = Features(image=torch.cat([c[0] for c in cached]), text=torch.cat([c[1] for c in cached]),
-                     logit_scale=cached[-1][2], keys=keys, step=step, epoch=epoch)
+                     logit_scale=cached[-1][2], keys=keys, step=step, epoch=epoch, logit_bias=cached[-1][3])
     method.before_encoder_step(feats)
     for j, r in enumerate(rows):
         last = j == k - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(args.precision, device):
-                image_features, text_features, logit_scale = model(images[r], texts[r])
+                image_features, text_features, logit_scale, logit_bias = _encode(model, images[r], texts[r])
             out = method(feats.micro_batch(r, image_features, text_features, logit_scale,
-                                           carries_step_gradient=last))
+                                           carries_step_gradient=last, logit_bias=logit_bias))
             _backward(out.loss, scaler)
     return feats, out
+
+
+def _encode(model, images, texts):
+    """(image, text, logit_scale, logit_bias or None): open_clip models built with init_logit_bias (the
+    SigLIP configs) return the bias as a 4th output; whether a method uses it is the method's business."""
+    out = model(images, texts)
+    return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:
@@ -197,7 +210,7 @@ def average_method_grads(method) -> None:
 
 
 def _log_step(state, epoch, batch_in_epoch, steps_this_epoch, terms, lrs, raw_model, method, data,
-              batch_time, data_time, global_batch, tb) -> None:
+              batch_time, data_time, global_batch, tb, args) -> None:
     values = {name: float(v) for name, v in terms.items()}
     state.history.append((state.step, values))
     logit_scale = raw_model.logit_scale.exp().item()
@@ -212,7 +225,9 @@ def _log_step(state, epoch, batch_in_epoch, steps_this_epoch, terms, lrs, raw_mo
              f"Data (t): {data_time.avg:.3f} Batch (t): {batch_time.avg:.3f}, "
              f"{samples_per_s:.1f}/s, {loss_str} {lr_str} Logit Scale: {logit_scale:.3f} "
              f"{extra_str} skipped_samples: {skipped} nonfinite_steps: {state.skipped_nonfinite}")
-    tb.scalars("train", {**values, **lrs, **extra, "logit_scale": logit_scale,
+    # open_clip's names (loss, scale, samples_per_second_per_gpu) beside this project's own.
+    tb.scalars("train", {**values, **lrs, **extra, "logit_scale": logit_scale, "scale": logit_scale,
                          "data_time": data_time.avg, "batch_time": batch_time.avg,
-                         "samples_per_second": samples_per_s, "skipped_samples": skipped,
+                         "samples_per_second": samples_per_s,
+                         "samples_per_second_per_gpu": samples_per_s / args.world_size, "skipped_samples": skipped,
                          "nonfinite_steps": state.skipped_nonfinite}, state.step)

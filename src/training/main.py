@@ -38,7 +38,12 @@ from training.data.loader import get_data
 from training.distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
 from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, write_info_pkl
-from training.logger import TensorBoard, setup_logging
+from training.export import config_from_args, write_config
+from training.model_setup import apply_model_flags, create_kwargs
+from training.open_clip_flags import apply_logging_flags
+from training.remote_sync import RemoteSync
+from training.reporting import build_reporters
+from training.logger import setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
@@ -125,6 +130,7 @@ def train(args, info, signals: StopSignals) -> dict:
     fill_data_defaults(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
+    apply_logging_flags(args, run_dir)
     if previous:
         log.info("run folder %s exists: resuming from its newest valid checkpoint (--no-auto-resume refuses)",
                  run_dir)
@@ -134,14 +140,16 @@ def train(args, info, signals: StopSignals) -> dict:
 
     seed_everything(args.seed)  # same model init on every rank
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        args.model, pretrained=args.pretrained or None, device=info.device,
-        precision="bf16" if args.precision == "bf16" else "fp32")
+        args.model, device=info.device, **create_kwargs(args))
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     if args.no_train_augmentation:
         preprocess_train = preprocess_val
-    tokenizer = open_clip.get_tokenizer(args.model)
+    tokenizer = open_clip.get_tokenizer(args.model, context_length=args.force_context_length)
+    if args.is_master:  # the model config travels with the run: training.export, open_clip's local-dir:
+        write_config(run_dir, config_from_args(args, model))
     method = build_method(args.method, args, model).to(info.device)
+    apply_model_flags(model, method, args)
     seed_everything(args.seed + args.rank)
 
     # With --accum-freq k the loader yields whole steps (k micro-batches); the loop splits them.
@@ -175,13 +183,12 @@ def train(args, info, signals: StopSignals) -> dict:
         log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, run_dir)
     if args.is_master:
         write_params(args, run_dir)
+    remote = RemoteSync.start(args, run_dir)  # --remote-sync; None without it
 
     ddp_model = wrap_ddp(model, info)
     if args.torchcompile:
         ddp_model = torch.compile(ddp_model)
-    tb = TensorBoard(os.path.join(run_dir, "tensorboard")
-                     if args.is_master and "tensorboard" in (args.report_to or "") else None,
-                     purge_step=state.step or None)
+    tb = build_reporters(args, run_dir, purge_step=state.step or None)  # TensorBoard and/or wandb
     diagnostics = EstimationErrorMonitor.from_args(args, preprocess_val, tokenizer, info.device, tb, run_dir)
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
@@ -202,9 +209,13 @@ def train(args, info, signals: StopSignals) -> dict:
             break
     tb.close()
     if control.stopped_at:
+        if remote is not None:
+            remote.close()  # the final sync: the preemption's checkpoint too
         shutdown()
         raise Preempted(*control.stopped_at)
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
+    if remote is not None:
+        remote.close()  # the final sync, after the last line of out.log
     summary = {"run_dir": run_dir, "step": state.step, "history": state.history,
                "skipped_nonfinite": state.skipped_nonfinite, "results": results}
     shutdown()

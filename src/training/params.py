@@ -7,7 +7,9 @@ fails here, before any process group or data loader exists.
 import argparse
 import math
 
-PRECISIONS = ("auto", "fp32", "bf16", "amp", "amp_bf16", "fp16")
+from training.open_clip_flags import add_open_clip_flags, validate_open_clip_flags
+
+PRECISIONS = ("auto", "fp32", "bf16", "amp", "amp_bf16", "amp_bfloat16", "fp16", "pure_bf16", "pure_fp16")
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable", "individual_constant")
 ESTIMATORS = ("moving_average", "minibatch", "npn", "amorlip")
 
@@ -49,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=5e-4)
     opt.add_argument("--wd", type=float, default=0.2)
     opt.add_argument("--beta1", type=float, default=0.9)
-    opt.add_argument("--beta2", type=float, default=0.98)
-    opt.add_argument("--eps", type=float, default=1e-6)
+    opt.add_argument("--beta2", type=float, default=None, help="default as open_clip: 0.98 ViT, 0.999 others")
+    opt.add_argument("--eps", type=float, default=None, help="default as open_clip: 1e-6 ViT, 1e-8 others")
     opt.add_argument("--warmup", type=int, default=10000, help="warm-up steps")
     opt.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const", "const-cooldown"])
     opt.add_argument("--epochs-cooldown", type=int, default=None)
@@ -96,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dist-timeout-minutes", type=float, default=30.0,
                      help="a collective (or the start-up rendezvous) that waits longer fails; gloo names "
                           "the missing rank at checkpoints")
-    run.add_argument("--report-to", default="tensorboard", help="'tensorboard', or '' for none")
+    run.add_argument("--report-to", default="tensorboard",
+                     help="comma-separated: tensorboard, wandb; '' for none")
     run.add_argument("--log-every-n-steps", type=int, default=100)
     run.add_argument("--zeroshot-frequency", type=int, default=1)
     run.add_argument("--val-frequency", type=int, default=1)
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(0: off; AmorLIP's --fit_w_prev used 0.8)")
     npn.add_argument(*_both("amorlip_mix_epochs"), dest="amorlip_mix_epochs", type=int, default=15,
                      help="AmorLIP: epochs over which the target mix weight rises on a cosine")
+    add_open_clip_flags(p)
     return p
 
 
@@ -238,8 +242,7 @@ def validate(args) -> None:
         raise ValueError("--train-num-samples must be positive")
     if args.gather_with_grad and not args.local_loss and args.fastclip:
         pass  # the family never gathers with gradient; accepted for command-line compatibility
-    if args.precision == "fp16":
-        args.precision = "amp"  # open_clip's name for fp16 autocast
+    validate_open_clip_flags(args)
     args.method = method_name(args)
     args.uses_per_sample_state = args.fastclip and (
         args.estimator == "moving_average" or args.temperature_scheme.startswith("individual"))

@@ -64,6 +64,7 @@ class ConstantCooldown:
     total: int
     cooldown_steps: int
     end: float = 0.0
+    power: float = 1.0  # open_clip's --lr-cooldown-power: (1 - progress) ** power
     needs_tau = False
 
     def __call__(self, base: float, step: int, tau: float | None = None) -> float:
@@ -73,7 +74,7 @@ class ConstantCooldown:
         if step < start:
             return base
         remaining = 1.0 - min((step - start) / max(self.total - start, 1), 1.0)
-        return self.end + (base - self.end) * remaining
+        return self.end + (base - self.end) * remaining ** self.power
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ def build_schedule(name: str, args, steps_per_epoch: int, warm_up: bool):
     if name == "const-cooldown":
         if args.epochs_cooldown is None:
             raise ValueError("the const-cooldown schedule needs --epochs-cooldown")
-        return ConstantCooldown(warmup, total, steps_per_epoch * args.epochs_cooldown, args.lr_cooldown_end)
+        return ConstantCooldown(warmup, total, steps_per_epoch * args.epochs_cooldown, args.lr_cooldown_end,
+                                getattr(args, "lr_cooldown_power", 1.0))
     if name == "step_thresh":
         return StepThreshold()
     raise ValueError(f"unknown learning-rate schedule {name!r}")

@@ -164,17 +164,35 @@ class EpochShuffledShards(wds.SimpleShardList):
         return iter([{"url": url} for url in urls])
 
 
+def shard_weights(pattern: str, factors: str | None) -> list[float] | None:
+    """open_clip's --train-data-upsampling-factors 'f1::f2': every shard of the i-th '::' source of
+    --train-data is drawn with weight f_i (so a source's share of samples is f_i x its shard count)."""
+    if not factors:
+        return None
+    sources = [part for part in pattern.split("::") if part.strip()]
+    values = [float(f) for f in factors.split("::")]
+    if len(values) != len(sources):
+        raise DataConfigError(f"--train-data-upsampling-factors has {len(values)} factors for {len(sources)} "
+                              "'::' sources of --train-data: give one per source")
+    return [f for part, f in zip(sources, values) for _ in expand_shard_urls(part, "--train-data")]
+
+
 class EpochResampledShards(IterableDataset):
     """Shards drawn with replacement, endlessly, from a stream seeded per (epoch, rank, worker).
     (wds.ResampledShards seeds from a per-object counter, which does not reproduce a given epoch.)"""
 
-    def __init__(self, urls: list[str], seed: int, shared_epoch: SharedEpoch, rank: int):
+    def __init__(self, urls: list[str], seed: int, shared_epoch: SharedEpoch, rank: int,
+                 weights: list[float] | None = None):
         self.urls, self.seed, self.shared_epoch, self.rank = urls, seed, shared_epoch, rank
+        self.weights = weights  # --train-data-upsampling-factors, one per shard; None: uniform
 
     def __iter__(self):
         rng = random.Random(stream_seed("shards", self.seed, self.shared_epoch.get(), self.rank, worker_id()))
         while True:
-            yield {"url": rng.choice(self.urls)}
+            if self.weights is None:
+                yield {"url": rng.choice(self.urls)}
+            else:
+                yield {"url": rng.choices(self.urls, weights=self.weights)[0]}
 
 
 class EpochSeededShuffle(wds.PipelineStage):
@@ -216,7 +234,8 @@ class WithTrailingSkipCount(IterableDataset):
 def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log,
                    batches_per_worker: int | None):
     if is_train and args.dataset_resampled:
-        stages = [EpochResampledShards(urls, args.seed, shared_epoch, args.rank)]
+        stages = [EpochResampledShards(urls, args.seed, shared_epoch, args.rank,
+                                       shard_weights(args.train_data, getattr(args, "train_data_upsampling_factors", None)))]
     else:
         stages = [EpochShuffledShards(urls, args.seed, shared_epoch, shuffle=is_train),
                   wds.pipelinefilter(split_by_rank)(rank=args.rank, world_size=args.world_size),

@@ -54,6 +54,8 @@ def _param_value(text: str, action):
             return text
     if action.nargs == 0:  # store_true / store_false
         return text == "True"
+    if isinstance(action.default, dict):  # KEY=VALUE flags (--aug-cfg) store a dict: its repr is a literal
+        return ast.literal_eval(text)
     convert = action.type or str
     if action.nargs not in (None, "?"):  # a list of values
         return [convert(item) for item in ast.literal_eval(text)]

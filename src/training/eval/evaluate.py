@@ -6,7 +6,8 @@
 Loads DIR/checkpoints/epoch_N.pt, iter_N.pt, or by default epoch_latest.pt (else the highest
 epoch_N.pt) with `open_clip.create_model_and_transforms(arch, pretrained=path)`; the architecture
 comes from --arch or from the `model: ...` line of DIR/params.txt. Writes
-DIR/eval_results/epoch_N_eval_results.jsonl (N: the checkpoint's "epoch"; iter_N_... for --iter),
+DIR/eval_results/epoch_N_builtin_eval_results.jsonl (N: the checkpoint's "epoch"; iter_N_... for --iter:
+a name of its own, so the DataComp fork's epoch_N_eval_results.jsonl in the same folder is never touched),
 one DataComp-style line per data set, {"key", "dataset", "metrics": {..., "main_metric"}}, where
 "{key}/{metric}" are the keys of checkpoints/results.jsonl written during training; refreshes
 DIR/info.pkl for upstream DataComp; prints a table.
@@ -203,11 +204,16 @@ def main(argv=None) -> dict[str, float]:
     lines = group_lines(metrics)
     out_dir = os.path.join(args.output_dir or run_dir, "eval_results")
     os.makedirs(out_dir, exist_ok=True)
-    out_path = os.path.join(out_dir, f"{name}_eval_results.jsonl")
+    out_path = os.path.join(out_dir, results_file_name(name))
     with open(out_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
     print(f"{checkpoint} ({arch})\n{format_table(lines)}\nwritten to {out_path}")
     return metrics
+
+
+def results_file_name(checkpoint_name: str) -> str:
+    """Ours, never the DataComp fork's `{checkpoint_name}_eval_results.jsonl` (which it writes beside)."""
+    return f"{checkpoint_name}_builtin_eval_results.jsonl"
 
 
 if __name__ == "__main__":

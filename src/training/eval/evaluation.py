@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from training.loop import autocast
 from training.data.synthetic.tasks import TASK_NAMES, classification_tasks, retrieval_split
 
+from training.eval.open_clip_names import open_clip_val_names
+
 log = logging.getLogger(__name__)
 
 BUILTIN_N_PER_TASK = 500  # images per built-in classification task
@@ -380,6 +382,7 @@ def evaluate(model, data: dict, epoch: int, args, tokenizer, preprocess_val, tb=
              "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
     if tb is not None:
         tb.scalars("eval", metrics, epoch)
+        tb.scalars("val", open_clip_val_names(metrics, epoch, val[0].shape[0] if val is not None else None), epoch)
     record = {"epoch": epoch, **metrics}
     if run_dir is not None:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
