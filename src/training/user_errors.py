@@ -82,11 +82,20 @@ def env_rank() -> int:
 
 
 def parse_quietly_off_rank_0(parse, argv):
-    """argparse prints usage and the error on every rank; only rank 0 keeps it (exit status unchanged)."""
-    if env_rank() == 0:
-        return parse(argv)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        return parse(argv)
+    """argparse prints its whole usage (70 lines here) before a flag error, on every rank: keep only the
+    error line, on rank 0 only (exit status unchanged). --help still prints in full."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            if env_rank() == 0:
+                return parse(argv)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return parse(argv)
+    except SystemExit as exc:
+        lines = captured.getvalue().strip().splitlines()
+        if env_rank() == 0 and lines:
+            print(f"{lines[-1]} (--help lists the flags)", file=sys.stderr, flush=True)
+        raise SystemExit(exc.code) from None
 
 
 def run_cli(main, argv) -> None:
