@@ -41,7 +41,11 @@ class ResumeMismatch(UserError, RuntimeError):
         text = " ".join(str(e) for e in (exc, exc.__cause__) if e is not None)
         key = re.search(r"size mismatch for ([\w.]+): (.*?)(?:\.\s|\n|$)", text) \
             or re.search(r"(Missing key\(s\)|Unexpected key\(s\)) in state_dict: (\"[^\"]+\")", text)
-        what = f"{key.group(1)}: {key.group(2)}" if key else one_line(exc)
+        first = one_line(exc)
+        if key:  # torch's first line is a bare "Error(s) in loading state_dict for X:"
+            first += f" {key.group(1)}: {key.group(2)}" if first.endswith(":") else \
+                f"; first mismatch {key.group(1)}: {key.group(2)}"
+        what = first
         flags = "; ".join(f"{flag_spelling(c.split(':', 1)[0])}{c.split(':', 1)[1]}" for c in changes)
         hint = (f"flags that differ from the run folder's params.txt: {flags}; pass the run's own flags to "
                 "continue it, or a new --name to start another run") if flags else \
