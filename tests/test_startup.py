@@ -36,15 +36,26 @@ def subprocess_env(**extra):
 
 # ----------------------------------------------------------------------------------------- run names
 
-def test_default_run_name_is_timestamped_like_open_clip():
+def test_default_run_name_is_timestamped_like_open_clip(monkeypatch):
     """Bug: the default name was built from the flags alone, so the README's two examples shared one
     folder and the second resumed (or crashed on) the first."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     args = parse_args(["--fastclip", "--npn"])
     args.precision = "fp32"
     a = default_run_name(args, now=datetime(2026, 1, 2, 3, 4, 5))
     b = default_run_name(args, now=datetime(2026, 1, 2, 3, 4, 6))
     assert a == f"2026_01_02-03_04_05-npn-model_neuclip-tiny-lr_0.0005-b_64-j_{args.workers}-p_fp32"
     assert a != b
+
+
+def test_default_run_name_under_slurm_is_the_job_id(monkeypatch):
+    """Bug this guards: a timestamped default would send a requeued slurm job to a new folder, from
+    scratch, instead of resuming its own."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    args = parse_args([])
+    args.precision = "fp32"
+    assert default_run_name(args).startswith("slurm_4242-openclip-model_neuclip-tiny-")
+    assert default_run_name(args, now=datetime(2020, 1, 1)) == default_run_name(args)
 
 
 def test_two_runs_without_name_get_two_folders(tmp_path, single_torch_thread):

@@ -6,6 +6,7 @@ fails here, before any process group or data loader exists.
 """
 import argparse
 import math
+import os
 from datetime import datetime
 
 from training.threads import default_workers
@@ -271,9 +272,11 @@ def resolve_precision(args, device_type: str) -> str:
 
 def default_run_name(args, now: datetime | None = None) -> str:
     """open_clip's convention, plus the method: a timestamp first, so two runs never share a run folder
-    by accident (passing the same --name again is how a run is resumed)."""
+    by accident (passing the same --name again is how a run is resumed). Under slurm the job id takes the
+    timestamp's place: a requeued job (same id) then finds its folder and resumes by itself."""
     method = args.method if args.method != "gcl" else args.estimator
-    date = (now or datetime.now()).strftime("%Y_%m_%d-%H_%M_%S")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    date = f"slurm_{job}" if job else (now or datetime.now()).strftime("%Y_%m_%d-%H_%M_%S")
     return "-".join([date, method, f"model_{args.model}", f"lr_{args.lr}", f"b_{args.batch_size}",
                      f"j_{args.workers}", f"p_{args.precision}"]).replace("/", "-")
 
