@@ -183,7 +183,7 @@ def train(args, info, signals: StopSignals) -> dict:
     numbers = schedule_numbers(args, steps_per_epoch)
     log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else
              f"gcl/{args.estimator}", " ".join(f"{k}={v}" for k, v in numbers.items()))
-    log.info("Model %s: %.2fM parameters, precision %s, device %s, %s, %d data-loader workers", args.model,
+    log.info("Model %s: %.2fM parameters, precision %s, device %s, %s, --workers %d", args.model,
              sum(p.numel() for p in model.parameters()) / 1e6, args.precision, args.device, thread_line,
              args.workers)
 
