@@ -221,7 +221,7 @@ def test_thread_policy_applies_to_the_run_and_is_restored(tmp_path, monkeypatch)
     before = torch.get_num_threads()
     run(tmp_path, "--threads", "1")
     assert torch.get_num_threads() == before
-    assert "1 torch thread (--threads" in (tmp_path / "run" / "out.log").read_text()
+    assert "1 torch thread (set by --threads)" in (tmp_path / "run" / "out.log").read_text()
 
 
 def test_progress_bar_only_when_asked(tmp_path, capsys, single_torch_thread):

@@ -74,5 +74,5 @@ def apply_thread_policy(args) -> str:
                             requested=getattr(args, "threads", None),
                             omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
     torch.set_num_threads(choice.threads)
-    return (f"{choice.threads} torch thread{'s' if choice.threads != 1 else ''} ({choice.why}; "
-            "--threads N to override)")
+    how = "set by --threads" if choice.why == "--threads" else f"{choice.why}; --threads N to override"
+    return f"{choice.threads} torch thread{'s' if choice.threads != 1 else ''} ({how})"
