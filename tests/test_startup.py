@@ -121,6 +121,16 @@ def test_warmup_longer_than_the_run_warns_once(tmp_path, caplog, single_torch_th
     assert len(lines) == 1 and "peak is 2e-05" in lines[0]
 
 
+def test_lr_zero_and_a_finished_run_say_that_nothing_trains(tmp_path, caplog, single_torch_thread):
+    """Bug: --lr 0, and relaunching a finished run, exited 0 having trained nothing, without a word."""
+    with caplog.at_level(logging.WARNING):
+        run(tmp_path, "--lr", "0", name="lr0")
+        again = run(tmp_path, "--lr", "0", name="lr0")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("--lr 0: the model's weights will not change" in m for m in messages)
+    assert again["history"] == [] and any("nothing to train: the checkpoint is at epoch 1" in m for m in messages)
+
+
 def test_stop_epochs_zero_is_refused(tmp_path):
     """Bug: --stop_epochs 0 trained nothing and exited 0."""
     with pytest.raises(UserError, match="--stop_epochs 0"):
