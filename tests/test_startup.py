@@ -131,10 +131,12 @@ def test_lr_zero_and_a_finished_run_say_that_nothing_trains(tmp_path, caplog, si
     assert again["history"] == [] and any("nothing to train: the checkpoint is at epoch 1" in m for m in messages)
 
 
-def test_stop_epochs_zero_is_refused(tmp_path):
-    """Bug: --stop_epochs 0 trained nothing and exited 0."""
-    with pytest.raises(UserError, match="--stop_epochs 0"):
-        run(tmp_path, "--stop_epochs", "0")
+def test_stop_epochs_zero_says_nothing_trains(tmp_path, caplog, single_torch_thread):
+    """Bug: --stop_epochs 0 trained nothing and exited 0 without a word."""
+    with caplog.at_level(logging.WARNING):
+        summary = run(tmp_path, "--stop_epochs", "0")
+    assert summary["step"] == 0
+    assert any("nothing to train: --stop_epochs 0 stops at or before epoch 0" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------- command-line errors

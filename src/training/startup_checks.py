@@ -1,6 +1,6 @@
 """Settings that would train nothing (or not what was asked), caught at start-up in one line each.
 
-Refused (UserError): a run that would take no step (batch larger than the data, --stop_epochs 0), and
+Refused (UserError): a run that would take no step per epoch (a batch larger than the data), and
 shards whose info.json (training.data.synthetic writes one) holds fewer samples than
 --train-num-samples asks per epoch: webdataset repeats the stream to fill the epoch, so the run would
 train on copies and every per-epoch number would be mislabelled.
@@ -12,7 +12,8 @@ Warned (one WARNING line, and the run goes on):
 - fewer --train-num-samples than info.json holds: normal for open_clip (an epoch is then a checkpoint
   interval), but named in case it is the SAMPLES-mismatch mistake.
 - --lr 0: the encoders do not change (the normalizer estimators still do; a diagnostic may want that).
-- a resumed run that is already complete: it exits 0 having trained nothing, as a requeued job should.
+- a run that will take no step: a resumed run that is already complete (it exits 0, as a requeued job
+  should), or --stop_epochs at or before the start (with --resume PATH: set a folder back without training).
 """
 from __future__ import annotations
 
@@ -91,8 +92,6 @@ def check_steps(args, steps_per_epoch: int | None, start_epoch: int = 0) -> None
     """After the data loader is built (its epoch length is known); rank 0 logs the warnings."""
     if not steps_per_epoch:
         raise_no_steps(args, "the training data")
-    if args.stop_epochs == 0:
-        raise UserError("--stop_epochs 0 stops before the first epoch: pass a positive epoch, or -1 (off)")
     total = steps_per_epoch * args.epochs
     if not args.is_master:
         return
@@ -106,7 +105,14 @@ def check_steps(args, steps_per_epoch: int | None, start_epoch: int = 0) -> None
 
 
 def warn_if_complete(args, start_epoch: int, last_epoch: int) -> None:
-    if args.is_master and start_epoch >= last_epoch:
+    """A run that will take no step says so. Not refused: `--stop_epochs 0` with `--resume PATH` is how a
+    run folder is set back to an older checkpoint without training, and a requeued finished job must exit 0."""
+    if not args.is_master or start_epoch < last_epoch:
+        return
+    if args.stop_epochs >= 0 and args.stop_epochs <= start_epoch:
+        log.warning("nothing to train: --stop_epochs %d stops at or before epoch %d, where this run starts; "
+                    "pass a later epoch, or -1 (off)", args.stop_epochs, start_epoch)
+    else:
         log.warning("nothing to train: the checkpoint is at epoch %d and the run stops at epoch %d; pass a "
                     "larger --epochs to continue it, or a new --name to start another run", start_epoch,
                     last_epoch)
