@@ -8,7 +8,8 @@ Every panel is against samples seen (step x global batch; the global batch is ba
 from the run's params.txt), one line per run, labelled by run folder name (or --labels):
 
   Training loss         TensorBoard train/loss (the gcl family's objective), else train/contrastive_loss
-                        (OpenCLIP, SigLIP): each method's own objective; raw values faint, EMA-smoothed solid.
+                        (OpenCLIP, SigLIP): each method's own objective; raw values faint, smoothed solid
+                        (a centred EMA: the mean of a forward and a backward one, which does not lag).
   Temperature           train/tau, else 1 / train/logit_scale.
   Estimation error      diag/est_err/mean (training.eval.estimation_error), else checkpoints/results.jsonl's est_err/mean.
   Zero-shot accuracy    checkpoints/results.jsonl's --metric (builtin/mean_top1), written after each epoch.
@@ -174,6 +175,23 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def centred_ema(values: list[float], weight: float) -> list[float]:
+    """The mean of a forward and a backward debiased EMA. A forward EMA lags: on a falling loss it sits
+    above every raw point, by a lot when there are few points (a run logging every 50 steps has a
+    handful); the backward one lags the other way, so their mean follows the raw values."""
+    forward = ema(values, weight)
+    backward = ema(values[::-1], weight)[::-1]
+    return [(a + b) / 2 for a, b in zip(forward, backward)]
+
+
+MIN_POINTS_TO_SMOOTH = 10  # fewer: the raw values are the line
+
+
+def markers(points: int) -> dict:
+    """A line through one point draws nothing: a single point gets a marker."""
+    return {"marker": "o", "markersize": 5} if points == 1 else {}
+
+
 def human(x: float, _pos=None) -> str:
     for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(x) >= size:
@@ -219,12 +237,12 @@ def plot(runs: list[Run], out: str, metric: str = DEFAULT_METRIC, smooth: float 
         line = {"color": colours[index % len(colours)], "linestyle": dashes[index % len(dashes)]}
         if run.loss:
             xs, ys = run.loss
-            if 0 < smooth < 1 and len(ys) > 5:
+            if 0 < smooth < 1 and len(ys) >= MIN_POINTS_TO_SMOOTH:
                 ax_loss.plot(xs, ys, color=line["color"], alpha=0.22, linewidth=0.8)
-                ys = ema(ys, smooth)
-            ax_loss.plot(xs, ys, linewidth=1.8, **line)
+                ys = centred_ema(ys, smooth)
+            ax_loss.plot(xs, ys, linewidth=1.8, **line, **markers(len(xs)))
         if run.tau:
-            ax_tau.plot(*run.tau, linewidth=1.8, **line)
+            ax_tau.plot(*run.tau, linewidth=1.8, **line, **markers(len(run.tau[0])))
         if run.est_err:
             ax_err.plot(*run.est_err, linewidth=1.6, marker="o", markersize=3.5, **line)
         if run.accuracy:

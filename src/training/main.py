@@ -9,12 +9,13 @@ Launch recipes (from the repository root):
     PYTHONPATH=src torchrun --nproc_per_node N -m training.main -- --train-data 'shards/{00000..00099}.tar' ...
 
     # slurm: rank/world from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, MASTER_ADDR/PORT from the script
-    srun python -u src/training/main.py ...         (see scripts/neuclip_dfn14m.slurm)
+    srun python -u src/training/main.py ...         (see scripts/slurm/neuclip_dfn14m.sh)
 
 The run folder is open_clip's: logs/NAME/{out.log, params.txt, tensorboard/, checkpoints/}. Launching
-the same command again resumes from the folder's newest valid checkpoint (--no-auto-resume refuses
-instead). SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.preemption); faults and
-what each gives: docs/FAULTS.md.
+the same command with the same --name resumes from the folder's newest valid checkpoint (--no-auto-resume
+refuses instead); the default --name is timestamped, so a new run never lands in an old run's folder.
+SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.preemption); faults and what each
+gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2 (training.user_errors).
 """
 import argparse
 import logging
@@ -26,11 +27,19 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "training"  # noqa: A001
 
+from training.params import parse_args  # noqa: E402  (argparse only)
+from training.user_errors import parse_quietly_off_rank_0  # noqa: E402
+
+if __name__ == "__main__":  # --help and flag errors answer before torch is imported (seconds, more under load)
+    parse_quietly_off_rank_0(parse_args, sys.argv[1:])
+
+import warnings  # noqa: E402
+
 import numpy as np
 import open_clip
 import torch
 
-import training  # noqa: F401  (registers the project's model configs)
+import training
 from contrastive import build_method
 
 from training.checkpoint import CheckpointManager, map_position
@@ -49,6 +58,11 @@ from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
 from training.preemption import Preempted, StepCheckpoints, StopSignals
 from training.scheduler import LRScheduler
+from training import progress, quiet, startup_checks
+from training.threads import apply_thread_policy
+from training.user_errors import MissingResume, ResumeMismatch, RunFolderExists, UserError, is_user_error, run_cli
+
+training.register_model_configs()
 
 log = logging.getLogger("training")
 
@@ -59,7 +73,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-NOT_COMPARED = {"resume", "no_auto_resume", "rank", "local_rank", "is_master", "device"}
+NOT_COMPARED = {"resume", "no_auto_resume", "rank", "local_rank", "is_master", "device", "threads", "progress",
+                "verbose"}
 
 
 def prepare_run_folder(args) -> tuple[str, dict]:
@@ -71,7 +86,7 @@ def prepare_run_folder(args) -> tuple[str, dict]:
         params = os.path.join(run_dir, "params.txt")
         if os.path.exists(params):
             if args.no_auto_resume and not args.resume:
-                raise FileExistsError(f"run folder {run_dir} already exists and --no-auto-resume is set: "
+                raise RunFolderExists(f"run folder {run_dir} already exists and --no-auto-resume is set: "
                                       "drop it (or pass --resume latest) to continue the run, or choose "
                                       "another --name")
             with open(params) as f:
@@ -102,9 +117,9 @@ def fill_data_defaults(args) -> None:
         if args.data_size < 0:
             args.data_size = args.synthetic_num_samples
     elif args.train_data is None:
-        raise ValueError(f"--dataset-type {args.dataset_type} needs --train-data")
+        raise UserError(f"--dataset-type {args.dataset_type} needs --train-data")
     if args.uses_per_sample_state and args.data_size < 1:
-        raise ValueError("this method keeps per-sample state indexed by sample key: set --data_size to the "
+        raise UserError("this method keeps per-sample state indexed by sample key: set --data_size to the "
                          "largest key + 1 (for img2dataset shards: number of shards x 10000)")
 
 
@@ -113,24 +128,40 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
     signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
+    threads = torch.get_num_threads()
     try:
-        return train(args, info, signals)
+        with warnings.catch_warnings():  # quiet.install's warning filters end with the run
+            quiet.install(args.verbose)
+            return train(args, info, signals)
     except Exception as exc:  # not Preempted: a SystemExit
-        report_failure(exc)  # distributed runs: names the ranks that failed, and how
+        if not is_user_error(exc):  # a user error is the same on every rank, and said once by run_cli
+            report_failure(exc)  # distributed runs: names the ranks that failed, and how
         raise
     finally:
         signals.restore()
+        progress.close_all()  # after an exception too: console logging leaves the bar
+        torch.set_num_threads(threads)  # the thread policy is this run's, not the calling process's
 
 
 def train(args, info, signals: StopSignals) -> dict:
     args.rank, args.local_rank, args.world_size = info.rank, info.local_rank, info.world_size
     args.is_master, args.device = info.is_master, str(info.device)
-    args.precision = resolve_precision(args, info.device.type)
-    args.name = args.name or default_run_name(args)
+    try:
+        args.precision = resolve_precision(args, info.device.type)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    named = bool(args.name)
+    args.name = args.name or broadcast_object(default_run_name(args))  # rank 0's clock names the folder
+    if not named and os.path.exists(os.path.join(args.logs, args.name)):
+        raise RunFolderExists(f"the default run name {args.name} exists already (two runs in one second): "
+                              "pass --name")
     fill_data_defaults(args)
+    startup_checks.check_data_size(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
     apply_logging_flags(args, run_dir)
+    quiet.install(args.verbose)
+    thread_line = apply_thread_policy(args)
     if previous:
         log.info("run folder %s exists: resuming from its newest valid checkpoint (--no-auto-resume refuses)",
                  run_dir)
@@ -156,11 +187,13 @@ def train(args, info, signals: StopSignals) -> dict:
     data_args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * args.accum_freq})
     data = get_data(data_args, preprocess_train, preprocess_val, tokenizer, epoch=0)
     steps_per_epoch = data["train"].num_batches
+    startup_checks.check_steps(args, steps_per_epoch)
     numbers = schedule_numbers(args, steps_per_epoch)
     log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else
              f"gcl/{args.estimator}", " ".join(f"{k}={v}" for k, v in numbers.items()))
-    log.info("Model %s: %.2fM parameters, precision %s, device %s", args.model,
-             sum(p.numel() for p in model.parameters()) / 1e6, args.precision, args.device)
+    log.info("Model %s: %.2fM parameters, precision %s, device %s, %s, --workers %d", args.model,
+             sum(p.numel() for p in model.parameters()) / 1e6, args.precision, args.device, thread_line,
+             args.workers)
 
     optimizer = build_optimizer(model, method, args)
     scaler = torch.amp.GradScaler(info.device.type) if args.precision == "amp" else None
@@ -169,9 +202,15 @@ def train(args, info, signals: StopSignals) -> dict:
                                     optimizer=optimizer, scaler=scaler, method=method)
 
     state, start_epoch, start_batch = TrainState(), 0, 0
-    resume_path, ckpt = checkpoints.resolve(args.resume)
+    try:
+        resume_path, ckpt = checkpoints.resolve(args.resume)
+    except FileNotFoundError as exc:
+        raise MissingResume(str(exc)) from exc
     if resume_path:
-        ckpt = checkpoints.load(resume_path, ckpt, info.device)
+        try:
+            ckpt = checkpoints.load(resume_path, ckpt, info.device)
+        except (RuntimeError, ValueError, KeyError) as exc:  # a state tensor of another shape: the flags that size it changed
+            raise ResumeMismatch.of(resume_path, exc, changed_params(args, previous)) from exc
         state.step = int(ckpt.get("step", 0))
         for name, value in (ckpt.get("train_state") or {}).items():
             setattr(state, name, int(value))
@@ -192,7 +231,10 @@ def train(args, info, signals: StopSignals) -> dict:
     diagnostics = EstimationErrorMonitor.from_args(args, preprocess_val, tokenizer, info.device, tb, run_dir)
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
+    startup_checks.warn_if_complete(args, start_epoch, last_epoch)
     results = {}
+    control = progress.wrap(args, control, total_steps=steps_per_epoch * last_epoch, start_step=state.step,
+                            samples_per_step=numbers["global_batch"])
     for epoch in range(start_epoch, last_epoch):
         data["train"].set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         method.on_epoch_start(epoch)
@@ -207,6 +249,7 @@ def train(args, info, signals: StopSignals) -> dict:
         results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir) or results
         if completed < last_epoch and control.at_epoch_end(state.step, completed):
             break
+    progress.close_all()
     tb.close()
     if control.stopped_at:
         if remote is not None:
@@ -223,4 +266,4 @@ def train(args, info, signals: StopSignals) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

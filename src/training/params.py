@@ -6,6 +6,10 @@ fails here, before any process group or data loader exists.
 """
 import argparse
 import math
+import os
+from datetime import datetime
+
+from training.threads import default_workers
 
 from training.open_clip_flags import add_open_clip_flags, validate_open_clip_flags
 
@@ -43,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--imagenet-val", default=None, help="ImageFolder for zero-shot evaluation")
     data.add_argument("--no-train-augmentation", action="store_true",
                       help="train on the evaluation transform (no random crop): deterministic inputs")
-    data.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
+    data.add_argument("--workers", type=int, default=default_workers(),
+                      help="data loader workers per rank (default: this rank's cores - 1, at most 4)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=64, help="batch size per rank")
@@ -77,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--gather-with-grad", action="store_true")
 
     run = p.add_argument_group("run")
-    run.add_argument("--name", default=None, help="run folder name (default: built from the flags)")
+    run.add_argument("--name", default=None,
+                     help="run folder name (default: a timestamp and the main flags, open_clip's convention); "
+                          "an existing run folder resumes")
     run.add_argument("--logs", default="./logs", help="where run folders go")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--save-frequency", type=int, default=1, help="epochs between epoch_N.pt")
@@ -103,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every-n-steps", type=int, default=100)
     run.add_argument("--zeroshot-frequency", type=int, default=1)
     run.add_argument("--val-frequency", type=int, default=1)
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads per rank (default: OMP_NUM_THREADS if set, else this rank's "
+                          "cores minus one per data-loader worker; training.threads)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar with steps, samples/s and ETA (default: when stderr is a terminal)")
+    run.add_argument("--verbose", action="store_true",
+                     help="also show third-party INFO lines and known-harmless warnings")
     run.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     run.add_argument("--dist-url", default="env://")
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -234,6 +248,8 @@ def validate(args) -> None:
         raise ValueError(f"--keep-last-k must be ≥ 1, got {args.keep_last_k}: resuming needs a checkpoint")
     if args.dist_timeout_minutes <= 0:
         raise ValueError(f"--dist-timeout-minutes must be > 0, got {args.dist_timeout_minutes}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
     if args.workers < 0:
         raise ValueError(f"--workers must be ≥ 0, got {args.workers}")
     if not 0 < args.gamma <= 1:
@@ -257,9 +273,15 @@ def resolve_precision(args, device_type: str) -> str:
     return "amp" if device_type == "cuda" else "fp32"
 
 
-def default_run_name(args) -> str:
+def default_run_name(args, now: datetime | None = None) -> str:
+    """open_clip's convention, plus the method: a timestamp first, so two runs never share a run folder
+    by accident (passing the same --name again is how a run is resumed). Under slurm the job id takes the
+    timestamp's place: a requeued job (same id) then finds its folder and resumes by itself."""
     method = args.method if args.method != "gcl" else args.estimator
-    return f"{method}-{args.model}-b{args.batch_size}-lr{args.lr}-s{args.seed}".replace("/", "-")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    date = f"slurm_{job}" if job else (now or datetime.now()).strftime("%Y_%m_%d-%H_%M_%S")
+    return "-".join([date, method, f"model_{args.model}", f"lr_{args.lr}", f"b_{args.batch_size}",
+                     f"j_{args.workers}", f"p_{args.precision}"]).replace("/", "-")
 
 
 def schedule_numbers(args, steps_per_epoch: int) -> dict:

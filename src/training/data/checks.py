@@ -30,6 +30,10 @@ class DataConfigError(ValueError):
     """A mistake in the data configuration. Never swallowed by the skip-and-count handlers."""
 
 
+class MissingData(DataConfigError, FileNotFoundError):
+    """A data path that does not exist (a FileNotFoundError too, as it was before)."""
+
+
 class UnusableSample(ValueError):
     """A sample that cannot be trained on (no image, no caption, undecodable bytes): skipped and counted."""
 
@@ -89,7 +93,7 @@ def check_shards_exist(urls: list[str], flag: str) -> None:
     missing = [url for url in urls if not _URL_SCHEME.match(url) and not os.path.isfile(url)]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise FileNotFoundError(f"{flag}: {len(missing)} of {len(urls)} expanded shards do not exist "
+        raise MissingData(f"{flag}: {len(missing)} of {len(urls)} expanded shards do not exist "
                                 f"(first missing: {shown}); fix the path or the brace range in {flag}")
 
 

@@ -129,3 +129,10 @@ def retrieval_split(seed: int = 0, n: int = 1000, size: int = 64) -> tuple[list[
     """Held-out images with one caption each, naming every attribute."""
     specs = [draw_spec(stream_rng(RETRIEVAL_STREAM, seed, i)) for i in range(n)]
     return [render(s, size) for s in specs], [describe(s) for s in specs]
+
+
+def chance_top1() -> dict[str, float]:
+    """Top-1 accuracy of a random guess on each held-out task (balanced classes: 1 / number of classes)."""
+    chance = {name: 1.0 / len(spec.values) for name, spec in _ATTRIBUTE_TASKS.items()}
+    chance["relation"] = 1.0 / len(RELATIONS)
+    return {name: chance[name] for name in TASK_NAMES}

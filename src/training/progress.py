@@ -1,0 +1,76 @@
+"""A progress bar on rank 0 (tqdm: steps, samples/s, ETA), with no change to the training loop.
+
+The loop already calls `control.after_step(step, ...)` after every step (training.preemption), so the
+bar wraps that object: `ProgressControl(control, bar)` advances the bar, then delegates. While the bar
+is shown, console log lines go through `tqdm.write` so they print above it instead of through it.
+Shown when stderr is a terminal, or with --progress; never in files or tests unless asked.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def wanted(args, stream=None) -> bool:
+    if not args.is_master or args.progress is False:
+        return False
+    stream = sys.stderr if stream is None else stream
+    return bool(args.progress) or (hasattr(stream, "isatty") and stream.isatty())
+
+
+class ProgressControl:
+    """Delegates to the loop's control object; after each step moves the bar to that step."""
+
+    def __init__(self, control, bar, samples_per_step: int):
+        self._control, self._bar, self._samples_per_step = control, bar, samples_per_step
+
+    def after_step(self, step, *rest, **kwargs):
+        self._bar.update(step - self._bar.n)
+        rate = self._bar.format_dict.get("rate")
+        if rate:
+            self._bar.set_postfix_str(f"{rate * self._samples_per_step:,.0f} samples/s", refresh=False)
+        return self._control.after_step(step, *rest, **kwargs)
+
+    def __getattr__(self, name):  # at_epoch_end, stopped_at, ...
+        return getattr(self._control, name)
+
+
+class _TqdmStream:
+    """A stream for logging handlers: writes through tqdm.write, which clears and redraws the bar."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm  # noqa: PLC0415
+        if text.strip():
+            tqdm.write(text.rstrip("\n"), file=self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_active: list[tuple[object, list]] = []  # (bar, [(console handler, its stream)]) while a bar is shown
+
+
+def wrap(args, control, *, total_steps: int, start_step: int, samples_per_step: int, stream=None):
+    """The control object to pass to the loop: `control` itself when no bar is wanted. close_all() ends
+    the bar and gives the console its stream back."""
+    if not wanted(args, stream):
+        return control
+    from tqdm import tqdm  # noqa: PLC0415  (only when a bar is shown)
+    stream = sys.stderr if stream is None else stream
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", file=stream, dynamic_ncols=True,
+               desc="train", smoothing=0.1, mininterval=0.5)
+    consoles = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    _active.append((bar, [(h, h.setStream(_TqdmStream(h.stream))) for h in consoles]))
+    return ProgressControl(control, bar, samples_per_step)
+
+
+def close_all() -> None:
+    while _active:
+        bar, consoles = _active.pop()
+        bar.close()
+        for handler, stream in consoles:
+            handler.setStream(stream)
