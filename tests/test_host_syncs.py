@@ -1,0 +1,134 @@
+"""A training step reads nothing back from the accelerator except at logging steps.
+
+On CUDA every `.item()`, `float(t)`, `bool(t)` (an `if` on a tensor), `.tolist()`, `.cpu()` of a device
+tensor waits for all queued GPU work: the host stops running ahead and the GPU idles until Python queues the
+next kernels. The test runs `training.loop.train_one_epoch` itself for three steps (logging on the third)
+with each method's real model, method, optimizer and scheduler, and counts those calls per step.
+
+What counts: every call of Tensor.item / __bool__ / __float__ / __int__ / __index__ / tolist / cpu / numpy
+on any tensor, made anywhere (project code, torch's optimizer, open_clip's loss), EXCEPT calls made inside
+`contrastive/table.py`: the per-sample tables live on the host by design (FastCLIP's moving average, per-sample
+temperatures), so their key lookups and writes are host work, not reads of the model's device. Everything
+here runs on the CPU, so the device of the model and of the host are the same; any tensor outside the
+table is treated as a device tensor. Syncs inside C++ ops (e.g. boolean-mask indexing, torch.unique) are
+not visible here; scripts/gpu_check.sh runs the same steps under torch.cuda.set_sync_debug_mode to see those.
+"""
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training.bench.common import method_spec
+from training.bench.cost import build_args, make_batches, make_model
+
+SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
+HOST_BY_DESIGN = os.path.join("contrastive", "table.py")
+BATCH, STEPS = 8, 3
+
+
+class SyncCounter:
+    """Wraps the Tensor methods that read a value back to the host; `count` says how many ran."""
+
+    def __init__(self):
+        self.count, self.where, self._saved = 0, [], {}
+
+    def __enter__(self):
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+            setattr(torch.Tensor, name, self._wrap(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+    def _wrap(self, name, original):
+        counter = self
+
+        def counted(tensor, *args, **kwargs):
+            frame = sys._getframe(1)
+            caller = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            while frame is not None:
+                if frame.f_code.co_filename.endswith(HOST_BY_DESIGN):
+                    break
+                frame = frame.f_back
+            else:
+                counter.count += 1
+                counter.where.append(f"{name} at {caller}")
+            return original(tensor, *args, **kwargs)
+        return counted
+
+
+class StepMarks:
+    """The data loader of the run: records the sync count as each step's batch is drawn."""
+
+    def __init__(self, batches, counter):
+        self.batches, self.counter, self.marks = batches, counter, []
+        self.num_batches, self.start_batch = len(batches), 0
+
+    @property
+    def dataloader(self):
+        for batch in self.batches:
+            self.marks.append((self.counter.count, len(self.counter.where)))
+            yield batch
+        self.marks.append((self.counter.count, len(self.counter.where)))
+
+    def skipped(self) -> int:
+        return 0
+
+
+V2_FLAGS = ("--fastclip", "--temperature_scheme", "individual_learnable", "--temperature", "0.07", "--lr_tau",
+            "2.5e-4", "--rho", "6.5", "--fastclip_eps", "1e-6", "--gamma", "0.8", "--gamma_schedule", "cosine")
+
+
+def per_step_syncs(family: str, flags=None):
+    from contrastive import build_method
+    from training.loop import TrainState, train_one_epoch
+    from training.optim import build_optimizer
+    from training.scheduler import LRScheduler
+
+    device = torch.device("cpu")
+    model, preprocess, tokenizer = make_model("neuclip-tiny", device, "fp32")
+    batches = make_batches(preprocess, tokenizer, BATCH, STEPS, device)
+    spec = method_spec(family, protos=16)
+    if flags is not None:  # a variant the benchmark does not name
+        spec = type(spec)(spec.key, spec.family, spec.label, tuple(flags))
+    args = build_args(spec, "neuclip-tiny", BATCH, "fp32", BATCH * STEPS, device)
+    args.log_every_n_steps = STEPS  # steps 1 and 2 are not logging steps, step 3 is
+    method = build_method(args.method, args, model).to(device)
+    optimizer = build_optimizer(model, method, args)
+    scheduler = LRScheduler(optimizer, args, STEPS)
+    tb = SimpleNamespace(scalars=lambda *a, **k: None)
+    with SyncCounter() as counter:
+        data = StepMarks(batches, counter)
+        train_one_epoch(model=model, method=method, data=data, optimizer=optimizer, scaler=None,
+                        scheduler=scheduler, state=TrainState(), epoch=0, args=args, device=device, tb=tb)
+    counts = [b[0] - a[0] for a, b in zip(data.marks, data.marks[1:])]
+    where = [counter.where[a[1]:b[1]] for a, b in zip(data.marks, data.marks[1:])]
+    return counts, where
+
+
+@pytest.mark.parametrize("family,flags", [("openclip", None), ("fastclip", None), ("neuclip", None),
+                                          ("fastclip", V2_FLAGS)],
+                         ids=["openclip", "fastclip-v3", "neuclip", "fastclip-individual-tau"])
+def test_a_non_logging_step_makes_no_host_sync(family, flags, single_torch_thread):
+    """Catches a per-step `.item()` / `if tensor` / `.tolist()` on the hot path: the step-threshold τ
+    read, the non-finite branch, a method hook's host read, torch's non-fused optimizer reading a tensor lr
+    — each stalls a CUDA pipeline once per step. The logging step must read (else the test counts nothing)."""
+    counts, where = per_step_syncs(family, flags)
+    assert len(counts) == STEPS
+    assert counts[0] == 0 and counts[1] == 0, f"host syncs in non-logging steps: {where[0] + where[1]}"
+    assert counts[2] > 0, "the logging step read nothing back: the counter does not see syncs"
+
+
+def test_the_counter_sees_a_host_sync_in_a_step(single_torch_thread, monkeypatch):
+    """Catches a counter that cannot fail: with the non-finite check forced back to the host (an
+    optimizer without device-side skipping) the same non-logging steps must count a sync each."""
+    import training.loop
+    monkeypatch.setattr(training.loop, "steps_on_device", lambda optimizer: False)
+    counts, where = per_step_syncs("fastclip")
+    assert counts[0] > 0 and counts[1] > 0, where
+    assert any("loop.py" in w for w in where[1]), where[1]
