@@ -63,18 +63,18 @@ class SyncCounter:
 
 
 class StepMarks:
-    """The data loader of the run: records the sync count as each step's batch is drawn."""
+    """The data loader of the run: calls `mark()` as each step's batch is drawn and after the last step."""
 
-    def __init__(self, batches, counter):
-        self.batches, self.counter, self.marks = batches, counter, []
+    def __init__(self, batches, mark):
+        self.batches, self.mark, self.marks = batches, mark, []
         self.num_batches, self.start_batch = len(batches), 0
 
     @property
     def dataloader(self):
         for batch in self.batches:
-            self.marks.append((self.counter.count, len(self.counter.where)))
+            self.marks.append(self.mark())
             yield batch
-        self.marks.append((self.counter.count, len(self.counter.where)))
+        self.marks.append(self.mark())
 
     def skipped(self) -> int:
         return 0
@@ -84,30 +84,36 @@ V2_FLAGS = ("--fastclip", "--temperature_scheme", "individual_learnable", "--tem
             "2.5e-4", "--rho", "6.5", "--fastclip_eps", "1e-6", "--gamma", "0.8", "--gamma_schedule", "cosine")
 
 
-def per_step_syncs(family: str, flags=None):
+def run_steps(family: str, device: torch.device, mark, flags=None, precision="fp32") -> list:
+    """STEPS steps of `training.loop.train_one_epoch` (logging at the last); returns `mark()` at each
+    step boundary (STEPS + 1 values). `flags` replace the family's training flags."""
     from contrastive import build_method
     from training.loop import TrainState, train_one_epoch
     from training.optim import build_optimizer
     from training.scheduler import LRScheduler
 
-    device = torch.device("cpu")
-    model, preprocess, tokenizer = make_model("neuclip-tiny", device, "fp32")
+    model, preprocess, tokenizer = make_model("neuclip-tiny", device, precision)
     batches = make_batches(preprocess, tokenizer, BATCH, STEPS, device)
     spec = method_spec(family, protos=16)
     if flags is not None:  # a variant the benchmark does not name
         spec = type(spec)(spec.key, spec.family, spec.label, tuple(flags))
-    args = build_args(spec, "neuclip-tiny", BATCH, "fp32", BATCH * STEPS, device)
+    args = build_args(spec, "neuclip-tiny", BATCH, precision, BATCH * STEPS, device)
     args.log_every_n_steps = STEPS  # steps 1 and 2 are not logging steps, step 3 is
     method = build_method(args.method, args, model).to(device)
     optimizer = build_optimizer(model, method, args)
     scheduler = LRScheduler(optimizer, args, STEPS)
     tb = SimpleNamespace(scalars=lambda *a, **k: None)
+    data = StepMarks(batches, mark)
+    train_one_epoch(model=model, method=method, data=data, optimizer=optimizer, scaler=None,
+                    scheduler=scheduler, state=TrainState(), epoch=0, args=args, device=device, tb=tb)
+    return data.marks
+
+
+def per_step_syncs(family: str, flags=None):
     with SyncCounter() as counter:
-        data = StepMarks(batches, counter)
-        train_one_epoch(model=model, method=method, data=data, optimizer=optimizer, scaler=None,
-                        scheduler=scheduler, state=TrainState(), epoch=0, args=args, device=device, tb=tb)
-    counts = [b[0] - a[0] for a, b in zip(data.marks, data.marks[1:])]
-    where = [counter.where[a[1]:b[1]] for a, b in zip(data.marks, data.marks[1:])]
+        marks = run_steps(family, torch.device("cpu"), lambda: (counter.count, len(counter.where)), flags)
+    counts = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    where = [counter.where[a[1]:b[1]] for a, b in zip(marks, marks[1:])]
     return counts, where
 
 
