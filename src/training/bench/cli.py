@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-methods", default=",".join(METHOD_ORDER))
     p.add_argument("--gpu-methods", default=",".join(METHOD_ORDER))
     p.add_argument("--gpu-model", default="ViT-B-32")
+    p.add_argument("--gpu-device", default="cuda", choices=("cuda", "cpu"),
+                   help="part 4's device; cpu is a dry run of its plumbing (scripts/gpu_check.sh --dry-run)")
+    p.add_argument("--gpu-protos", type=int, default=None, help="NeuCLIP's m in part 4 (default: the paper's 4096)")
     return p
 
 
