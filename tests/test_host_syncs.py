@@ -138,3 +138,47 @@ def test_the_counter_sees_a_host_sync_in_a_step(single_torch_thread, monkeypatch
     counts, where = per_step_syncs("fastclip")
     assert counts[0] > 0 and counts[1] > 0, where
     assert any("loop.py" in w for w in where[1]), where[1]
+
+
+def test_step_threshold_lr_on_the_device_equals_the_host_choice():
+    """Catches the device-side step_thresh picking the other branch (≤ vs <, the ratio) than the host one."""
+    from training.scheduler import StepThreshold
+    schedule = StepThreshold()
+    for tau in (0.01, 0.03, 0.0300001, 0.07):
+        assert float(schedule(2.5e-4, 0, torch.tensor(tau, dtype=torch.float64))) == pytest.approx(
+            schedule(2.5e-4, 0, tau), rel=1e-6)
+
+
+def test_a_step_skipped_on_the_device_changes_nothing_and_is_counted(caplog):
+    """Catches a device-side skip that still moves the weights, AdamW's moments or its step count (a zeroed
+    gradient would: momentum and weight decay), or that loses the per-step warning and the counters."""
+    import logging
+
+    from training.loop import TrainState, _check_nonfinite_limit, _step_optimizer
+    from training.optim import build_optimizer
+    model = torch.nn.Linear(3, 2)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    args = SimpleNamespace(wd=0.1, lr=0.1, lr_tau=0.1, beta1=0.9, beta2=0.99, eps=1e-8, optimizer="adamw",
+                           grad_clip_norm=None, max_nonfinite_steps=2)
+    method = SimpleNamespace(trainable_parameter_groups=lambda: [])
+    optimizer = build_optimizer(model, method, args)
+    state = TrainState()
+    for step, bad in enumerate((False, True)):
+        state.step = step
+        model.zero_grad()
+        (model(torch.ones(1, 3)).sum() * model.logit_scale).backward()
+        if bad:
+            model.weight.grad[0, 0] = float("nan")
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            moments = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]
+        stepped = _step_optimizer(model, method, optimizer, None, args, state)
+        assert isinstance(stepped, torch.Tensor) and bool(stepped) is not bad
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for p, saved in zip(model.parameters(), moments):
+        for k, v in optimizer.state[p].items():
+            assert torch.equal(v, saved[k]), k
+    caplog.set_level(logging.WARNING)
+    _check_nonfinite_limit(state, args)  # one skip: below the limit of 2
+    assert state.skipped_nonfinite == 1 and state.consecutive_nonfinite == 1
+    assert "non-finite gradient at step 1: step skipped (1 so far)" in caplog.text
