@@ -63,8 +63,9 @@ def run_one(opts, key: str, flags: tuple, shards: str, samples: int, out_dir: st
     os.makedirs(logs, exist_ok=True)
     shutil.rmtree(os.path.join(logs, name), ignore_errors=True)  # open_clip_train refuses an existing run name
     trainer = "peer" if key == "peer" else "ours"
+    ours = () if key == "peer" else ("--data_size", str(samples))  # per-sample state (FastCLIP's u) needs it
     cmd = [sys.executable, "-m", "training.bench.peer_run", marks_path, trainer,
-           *common_flags(opts, shards, samples, logs, name), *flags]
+           *common_flags(opts, shards, samples, logs, name), *ours, *flags]
     threads = str(opts.threads or os.cpu_count())
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "PYTHONPATH": SRC_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
