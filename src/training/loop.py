@@ -28,6 +28,9 @@ from training.optim import steps_on_device
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
+#: Device-side skip flags held before they are counted anyway (one host read per this many steps at most):
+#: with a huge --log-every-n-steps the queue would otherwise hold a tensor per step of the epoch.
+MAX_PENDING_SKIP_FLAGS = 1000
 
 
 def autocast(precision: str, device: torch.device):
@@ -49,7 +52,7 @@ class TrainState:
     _consecutive: int = 0
     history: list = field(default_factory=list)  # (step, logged terms) at each logging step
     pending: list = field(default_factory=list)
-    limit_hit: int | None = None  # the step at which the consecutive count first reached the limit
+    limit_hit: int | None = None  # the consecutive count when it first reached --max-nonfinite-steps
     max_nonfinite: int | None = None
 
     @property
@@ -239,6 +242,8 @@ def _step_optimizer(model, method, optimizer, scaler, args, state: TrainState):
         if scaler is not None:  # its own inf check (from unscale_) sets the next scale
             scaler.update()
         state.pending.append((state.step, finite.logical_not()))
+        if len(state.pending) >= MAX_PENDING_SKIP_FLAGS:
+            state.settle()
         return finite
     if not torch.isfinite(norm):
         state.skipped_nonfinite += 1

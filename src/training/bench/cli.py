@@ -35,8 +35,7 @@ from training.bench.common import (METHOD_ORDER, command_line, git_commit, machi
 PARTS = ("cost", "error", "quality", "gpu", "peer")
 DEFAULT_PARTS = ("cost", "error", "quality", "gpu")  # peer runs only when asked for (it needs open_clip_train)
 PART_TITLES = {"cost": "1. Cost per step", "error": "2. Estimation error vs batch size and data size",
-               "quality": "3. Quality at a fixed budget", "gpu": "4. GPU mode",
-               "peer": "Peer comparison with open_clip_train"}
+               "quality": "3. Quality at a fixed budget", "gpu": "4. GPU mode"}  # of the default parts
 
 # Sizes: the full CPU run (well under an hour on 2 free cores) and --quick (a smoke test).
 FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4, cost_memory_steps=5,
