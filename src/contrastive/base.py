@@ -59,6 +59,12 @@ class ContrastiveMethod(nn.Module):
         return {}
 
 
+#: `feats.extras[STEP_SKIPPED]`, set before `after_encoder_step` when the optimizer decided on the device
+#: whether to step: a 0-dim bool tensor, True when the step was skipped (non-finite gradient). A method
+#: that updates its own state there keeps the old state where it is True, with tensor ops (no host sync).
+#: Absent when the loop decided on the host; then `after_encoder_step` runs only after a real step.
+STEP_SKIPPED = "step_skipped"
+
 _REGISTRY: dict[str, Callable] = {}
 
 

@@ -57,7 +57,7 @@ class NeuCLIPEstimator(NormalizerEstimator):
     def __init__(self, embed_dim: int, *, num_protos: int = 4096, lr: float = 1.0, repetition: int = 10,
                  restart_every: int = 500, arch: str = "prototype", objective: str = "unified",
                  update: str = "alternating", fill: str = "ring", adagrad_reset: str = "restart",
-                 init_scale: float = 20.0, mlp_lr: float = 1e-3, seed: int = 0):
+                 init_scale: float = 20.0, mlp_lr: float = 1e-3, seed: int = 0, gemm: str = "fp32"):
         super().__init__()
         if arch == "prototype":
             self.npn_img, self.npn_txt = PrototypeNPN(num_protos, embed_dim), PrototypeNPN(num_protos, embed_dim)
@@ -66,6 +66,7 @@ class NeuCLIPEstimator(NormalizerEstimator):
         self.arch, self.update, self.fill, self.adagrad_reset = arch, update, fill, adagrad_reset
         self.num_protos, self.repetition, self.restart_every = num_protos, repetition, restart_every
         self.init_scale, self.seed, self.dim = init_scale, seed, embed_dim
+        self.gemm = gemm  # the inner loop's GEMMs: "fp32", or "bf16x3" under bf16 autocast (npn.split_bf16_mm)
         self.objective_name, self.npn_objective = objective, OBJECTIVES[objective]
         self.optimizer = AdaGrad(self._params(), lr if arch == "prototype" else mlp_lr) \
             if update == "alternating" else None
@@ -134,7 +135,7 @@ class NeuCLIPEstimator(NormalizerEstimator):
             value, grads = 0.0, []
             for npn, side in ((self.npn_img, img), (self.npn_txt, txt)):  # params order: image NPN first
                 side_value, side_grads = npn.value_and_grad(side.anchors, side.positive_sim, side.scale, side.eps,
-                                                            side.log_norm, self.objective_name)
+                                                            side.log_norm, self.objective_name, self.gemm)
                 value, grads = value + side_value, grads + side_grads
             self.optimizer.step_(params, average_over_ranks_(grads))
             values.append(value)
@@ -251,4 +252,4 @@ def build_neuclip(args, embed_dim: int) -> NeuCLIPEstimator:
         update=args.npn_update, fill=getattr(args, "npn_fill", "ring"),
         adagrad_reset=getattr(args, "npn_adagrad_reset", "restart"),
         init_scale=getattr(args, "npn_init_scale", 20.0), mlp_lr=getattr(args, "npn_mlp_lr", 1e-3),
-        seed=getattr(args, "seed", 0))
+        seed=getattr(args, "seed", 0), gemm="bf16x3" if getattr(args, "precision", "") == "amp_bf16" else "fp32")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import comm
+from .base import STEP_SKIPPED
 from .table import PerSampleTable
 from .features import Features, fp32
 
@@ -110,10 +111,12 @@ class IndividualTemperatures(nn.Module):
     def update(self, feats: Features, grad_img: torch.Tensor, grad_txt: torch.Tensor) -> None:
         """One Adam step for this rank's anchors (gradients [b], the local slice), then share them."""
         keys = self.table.host_keys(feats.keys)
+        skipped = feats.extras.get(STEP_SKIPPED)  # the encoders' step was skipped: keep the old state
         columns = []
         for side, grad in (("img", grad_img), ("txt", grad_txt)):
             state = [self.table.read(f"{q}_{side}", keys, grad) for q in self.QUANTITIES]
-            columns += adam_step(*state, grad, self.lr, self.betas, self.eps)
+            new = adam_step(*state, grad, self.lr, self.betas, self.eps)
+            columns += new if skipped is None else [torch.where(skipped, o, n) for o, n in zip(state, new)]
         # float64 holds the float32 state and the int32 step counts exactly: one collective for all.
         gathered = comm.all_gather_no_grad(torch.stack(columns, dim=1).double())
         names = [f"{q}_{side}" for side in ("img", "txt") for q in self.QUANTITIES]

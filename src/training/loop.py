@@ -2,6 +2,15 @@
 
 An epoch may start mid-way (resume): the data yields batches from `data.start_batch` on. After every
 step `control.after_step(...)` (training.preemption.StepCheckpoints) may write a checkpoint and stop.
+
+Host syncs: with an optimizer that steps on the device (torch's fused AdamW, the default) a step reads
+nothing back from the accelerator except at logging steps, so the host runs ahead and the GPU never
+idles waiting for Python. τ for --lr_tau_scheduler step_thresh stays on the device (a tensor lr), and a
+non-finite gradient skips the step on the device (`found_inf`, as GradScaler does). The skip is exact
+(parameters, moments and step counts untouched; methods see `feats.extras[STEP_SKIPPED]`), but it is
+*reported* late: the per-step warnings, the counters and the --max-nonfinite-steps stop come at the next
+logging step (or epoch end, or when the counters are read for a checkpoint) instead of at the step itself.
+Optimizers without that support (LAMB) keep the host check, one sync per step.
 """
 import contextlib
 import logging
@@ -12,11 +21,16 @@ from dataclasses import dataclass, field
 import torch
 
 from contrastive import Features, comm
+from contrastive.base import STEP_SKIPPED
 
 from training.distributed import unwrap
+from training.optim import steps_on_device
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
+#: Device-side skip flags held before they are counted anyway (one host read per this many steps at most):
+#: with a huge --log-every-n-steps the queue would otherwise hold a tensor per step of the epoch.
+MAX_PENDING_SKIP_FLAGS = 1000
 
 
 def autocast(precision: str, device: torch.device):
@@ -34,11 +48,67 @@ def input_dtype(precision: str):
 
 @dataclass
 class TrainState:
-    """What the loop advances: the global step and counters the log reports."""
+    """What the loop advances: the global step and counters the log reports.
+
+    Steps skipped on the device are queued in `pending` ((step, 0-dim bool tensor) each) and counted when
+    the counters are read: reading either counter settles the queue (one host sync), so a checkpoint or
+    the run summary always sees every skip so far."""
     step: int = 0
-    skipped_nonfinite: int = 0
-    consecutive_nonfinite: int = 0
+    _skipped: int = 0
+    _consecutive: int = 0
     history: list = field(default_factory=list)  # (step, logged terms) at each logging step
+    pending: list = field(default_factory=list)
+    limit_hit: int | None = None  # the consecutive count when it first reached --max-nonfinite-steps
+    max_nonfinite: int | None = None
+
+    @property
+    def skipped_nonfinite(self) -> int:
+        self.settle()
+        return self._skipped
+
+    @skipped_nonfinite.setter
+    def skipped_nonfinite(self, value: int) -> None:
+        self.settle()
+        self._skipped = int(value)
+
+    @property
+    def consecutive_nonfinite(self) -> int:
+        self.settle()
+        return self._consecutive
+
+    @consecutive_nonfinite.setter
+    def consecutive_nonfinite(self, value: int) -> None:
+        self.settle()
+        self._consecutive = int(value)
+
+    def settle(self) -> None:
+        """Count the queued device-side skips (one host read of all of them), in step order."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        flags = torch.stack([f for _, f in self.pending]).tolist()
+        self.pending = []
+        for step, skipped in zip(steps, flags):
+            if skipped:
+                self._note_skip(step)
+            else:
+                self._consecutive = 0
+
+    def _note_skip(self, step: int) -> None:
+        self._skipped += 1
+        self._consecutive += 1
+        log.warning("non-finite gradient at step %d: step skipped (%d so far)", step, self._skipped)
+        if self.max_nonfinite is not None and self._consecutive >= self.max_nonfinite and self.limit_hit is None:
+            self.limit_hit = self._consecutive
+
+
+def _check_nonfinite_limit(state: TrainState, args) -> None:
+    state.max_nonfinite = args.max_nonfinite_steps
+    state.settle()
+    if state.limit_hit is not None:
+        raise FloatingPointError(
+            f"{state.limit_hit} consecutive non-finite steps: lower --lr or --lr_tau, "
+            "set --grad-clip-norm, raise --fastclip_eps, or use --precision fp32/amp_bf16")
 
 
 class Meter:
@@ -64,11 +134,16 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
     batch_time, data_time = Meter(), Meter()
     global_batch = args.batch_size * args.world_size * args.accum_freq
     raw_model = unwrap(model)
+    state.max_nonfinite = args.max_nonfinite_steps
+    on_device = steps_on_device(optimizer)
     end = time.perf_counter()
     for i, (images, texts, keys) in enumerate(batches, start=data.start_batch):
         if i >= steps_this_epoch:
             break
-        tau = 1.0 / raw_model.logit_scale.detach().exp().item() if scheduler.needs_tau else None
+        tau = None
+        if scheduler.needs_tau:  # a device tensor when the optimizer takes a tensor lr: no host read
+            tau = raw_model.logit_scale.detach().neg().exp()
+            tau = tau if on_device else tau.item()
         lrs = scheduler.step(state.step, tau)
         images = images.to(device, dtype=input_dtype(args.precision), non_blocking=True)
         texts = texts.to(device, non_blocking=True)
@@ -78,7 +153,11 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
         optimizer.zero_grad(set_to_none=True)
         feats, out = _compute_gradients(model, method, images, texts, keys, args, device, scaler,
                                         step=state.step, epoch=epoch)
-        if _step_optimizer(model, method, optimizer, scaler, args, state):
+        stepped = _step_optimizer(model, method, optimizer, scaler, args, state)
+        if isinstance(stepped, torch.Tensor):  # skipped or not, decided on the device
+            feats.extras[STEP_SKIPPED] = stepped.logical_not()
+            method.after_encoder_step(feats)
+        elif stepped:
             method.after_encoder_step(feats)
         with torch.no_grad():
             raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -88,6 +167,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
         state.step += 1
         last = i + 1 == steps_this_epoch
         if state.step % args.log_every_n_steps == 0 or last:
+            _check_nonfinite_limit(state, args)
             terms = _mean_over_ranks(out.terms)  # collective: every rank takes part
             if args.is_master:
                 _log_step(state, epoch, i + 1, steps_this_epoch, terms, lrs, raw_model, method, data,
@@ -153,15 +233,31 @@ def _backward(loss: torch.Tensor, scaler) -> None:
         loss.backward()
 
 
-def _step_optimizer(model, method, optimizer, scaler, args, state: TrainState) -> bool:
-    """Clip, and step unless the gradient is non-finite (skipped and counted). Returns whether it stepped."""
+def _step_optimizer(model, method, optimizer, scaler, args, state: TrainState):
+    """Clip, and step unless the gradient is non-finite (skipped and counted). Returns whether it stepped:
+    a bool, or a 0-dim bool device tensor when the optimizer decided on the device (no host sync)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     average_method_grads(method)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    max_norm = args.grad_clip_norm if args.grad_clip_norm else float("inf")
     # DDP has already averaged gradients, so every rank sees the same norm and takes the same branch.
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if args.grad_clip_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+    else:  # the norm only (clipping at ∞ would still multiply every gradient by 1)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if steps_on_device(optimizer):
+        finite = torch.isfinite(norm)
+        optimizer.found_inf = finite.logical_not().float()  # read by the fused kernel; 1 skips the step
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        if scaler is not None:  # its own inf check (from unscale_) sets the next scale
+            scaler.update()
+        state.pending.append((state.step, finite.logical_not()))
+        if len(state.pending) >= MAX_PENDING_SKIP_FLAGS:
+            state.settle()
+        return finite
     if not torch.isfinite(norm):
         state.skipped_nonfinite += 1
         state.consecutive_nonfinite += 1
@@ -212,6 +308,7 @@ def average_method_grads(method) -> None:
 def _log_step(state, epoch, batch_in_epoch, steps_this_epoch, terms, lrs, raw_model, method, data,
               batch_time, data_time, global_batch, tb, args) -> None:
     values = {name: float(v) for name, v in terms.items()}
+    lrs = {name: float(v) for name, v in lrs.items()}  # a device tensor under step_thresh
     state.history.append((state.step, values))
     logit_scale = raw_model.logit_scale.exp().item()
     extra = {name: float(v) for name, v in method.scalars().items()}

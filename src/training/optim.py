@@ -39,4 +39,21 @@ def build_optimizer(model: nn.Module, method: nn.Module, args) -> torch.optim.Op
     if args.optimizer == "lamb":
         from timm.optim import Lamb
         return Lamb(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    # Fused where torch has the kernel (CPU and CUDA, floating parameters): one kernel per parameter
+    # group instead of a dozen element-wise passes (on CPU torch's default is the per-tensor loop), and
+    # it can skip a step on the device (`found_inf`), so the loop's non-finite guard needs no host sync.
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                             fused=fused_supported(groups) or None)
+
+
+def fused_supported(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW takes every parameter (floating, on a device with the kernel)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # noqa: PLC0415
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(p.is_floating_point() and p.device.type in devices for g in groups for p in g["params"])
+
+
+def steps_on_device(optimizer) -> bool:
+    """Whether `optimizer.step()` honours `optimizer.found_inf` (skips on the device, as under GradScaler)
+    and takes a tensor lr without reading it on the host: torch's fused optimizers do."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))

@@ -4,10 +4,10 @@ Slurm sends SIGTERM before it kills a job (time limit, preemption, scancel) and,
 `#SBATCH --signal=USR1@120`, SIGUSR1 120 s before the time limit. Both only set a flag here. After every
 step all ranks combine their flags in one all-reduce(MAX) of two numbers (any signal; rank 0's clock
 says a --save-every-n-minutes checkpoint is due), so they agree on the step to stop at although the
-signal reaches them at different moments. Every step rather than every few: the loop already waits for
-the GPU once per step (the finite-gradient check), so the all-reduce of 8 bytes adds tens of microseconds
-to steps of hundreds of milliseconds, and the checkpoint comes at most one step after the signal, which
-matters when the grace period is short.
+signal reaches them at different moments. Every step rather than every few: the all-reduce of 8 bytes
+adds tens of microseconds to steps of hundreds of milliseconds, and the checkpoint comes at most one step
+after the signal, which matters when the grace period is short. It is the one host read per step left
+under torchrun (it waits for the step's GPU work); a single process reads its own flags, no tensor.
 
 On a signal: write iter_{step}.pt (mid-epoch; the data position is in it), then, for SIGUSR1 under slurm
 and unless --no-requeue, `scontrol requeue` the job (rank 0), and exit with status 75 (EX_TEMPFAIL of
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from training.distributed import all_reduce_max_, barrier
+from training.distributed import all_reduce_max_, barrier, is_distributed
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75
@@ -109,8 +109,10 @@ class StepCheckpoints:
 
     def _boundary(self, step: int, position: dict) -> bool:
         due = self.is_master and self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
-        flags = all_reduce_max_(torch.tensor([self.signals.code, int(due)], device=self.device))
-        code, due = (int(v) for v in flags.tolist())
+        code, due = self.signals.code, int(due)
+        if is_distributed():  # the ranks agree on the stop step: one tiny collective (and host read) per step
+            flags = all_reduce_max_(torch.tensor([code, due], device=self.device))
+            code, due = (int(v) for v in flags.tolist())
         path = None
         if code or due or (self.every_n_steps > 0 and step % self.every_n_steps == 0):
             path = self.save(position)

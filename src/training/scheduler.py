@@ -15,10 +15,14 @@ Steps count optimizer steps; total = steps_per_epoch × --epochs.
   const-cooldown  warm-up, base, then a linear decay to --lr-cooldown-end over the last
                   --epochs-cooldown epochs
   step_thresh     (--lr_tau_scheduler only) base, or base/3 while τ ≤ 0.03; re-checked every step,
-                  so the lr returns to base when τ rises above 0.03 again; no warm-up (FastCLIP)
+                  so the lr returns to base when τ rises above 0.03 again; no warm-up (FastCLIP).
+                  Given τ as a device tensor (the loop does so when the optimizer takes a tensor lr)
+                  the lr is a 0-dim device tensor: choosing it needs no host sync.
 """
 import math
 from dataclasses import dataclass
+
+import torch
 
 from contrastive.estimators import moving_average_gamma
 
@@ -88,6 +92,8 @@ class StepThreshold:
         if tau is None:
             raise ValueError("--lr_tau_scheduler step_thresh needs the current temperature: "
                              "pass tau to LRScheduler.step")
+        if isinstance(tau, torch.Tensor):  # τ on the device: the lr stays there too (no host sync)
+            return torch.where(tau <= self.threshold, base * self.ratio, base).to(torch.float32)
         return base * self.ratio if tau <= self.threshold else base
 
 

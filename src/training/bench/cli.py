@@ -32,26 +32,28 @@ import torch
 
 from training.bench.common import (METHOD_ORDER, command_line, git_commit, machine_info, parse_method_list)
 
-PARTS = ("cost", "error", "quality", "gpu")
+PARTS = ("cost", "error", "quality", "gpu", "peer")
+DEFAULT_PARTS = ("cost", "error", "quality", "gpu")  # peer runs only when asked for (it needs open_clip_train)
 PART_TITLES = {"cost": "1. Cost per step", "error": "2. Estimation error vs batch size and data size",
-               "quality": "3. Quality at a fixed budget", "gpu": "4. GPU mode"}
+               "quality": "3. Quality at a fixed budget", "gpu": "4. GPU mode"}  # of the default parts
 
 # Sizes: the full CPU run (well under an hour on 2 free cores) and --quick (a smoke test).
 FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4, cost_memory_steps=5,
             error_batches="64,128", error_n=512, error_samples=20480, error_checkpoints=5, error_reference=4096,
             quality_batch=64, quality_n=5120, quality_samples=15360, seeds="0,1,2", npn_protos=512,
-            gpu_batch=512, gpu_warmup=5, gpu_repeats=30)
+            gpu_batch=512, gpu_warmup=5, gpu_repeats=30, peer_batch=128, peer_steps=30, peer_warmup=3,
+            peer_rounds=5)
 QUICK = dict(cost_batch=32, cost_warmup=1, cost_repeats=5, cost_data_batches=2, cost_memory_steps=2,
              error_batches="16,32", error_n=64, error_samples=1280, error_checkpoints=5, error_reference=512,
              quality_batch=32, quality_n=320, quality_samples=640, seeds="0", npn_protos=32,
-             gpu_batch=512, gpu_warmup=2, gpu_repeats=5)
+             gpu_batch=512, gpu_warmup=2, gpu_repeats=5, peer_batch=8, peer_steps=4, peer_warmup=1, peer_rounds=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="training.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="report folder (report.md, PNGs, JSON, runs/)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes); numbers are not results")
     p.add_argument("--model", default="neuclip-tiny", help="model of parts 1-3")
     p.add_argument("--device", default=None, help="parts 1-3 (default: cuda if available, else cpu)")
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the start-up calibration that prints the estimated wall time")
     for part, names in (("cost", ("batch", "warmup", "repeats", "data_batches", "memory_steps")),
                         ("error", ("n", "samples", "checkpoints", "reference")),
-                        ("quality", ("batch", "n", "samples")), ("gpu", ("batch", "warmup", "repeats"))):
+                        ("quality", ("batch", "n", "samples")), ("gpu", ("batch", "warmup", "repeats")),
+                        ("peer", ("batch", "steps", "warmup", "rounds"))):
         for name in names:
             p.add_argument(f"--{part}-{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--error-batches", default=None, help="the two batch sizes of part 2, e.g. 64,128")
@@ -80,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-methods", default=",".join(METHOD_ORDER))
     p.add_argument("--gpu-methods", default=",".join(METHOD_ORDER))
     p.add_argument("--gpu-model", default="ViT-B-32")
+    p.add_argument("--peer-methods", default="openclip,neuclip-m512",
+                   help="this trainer's methods next to open_clip_train (METHOD or neuclip-mM for m = M)")
+    p.add_argument("--gpu-device", default="cuda", choices=("cuda", "cpu"),
+                   help="part 4's device; cpu is a dry run of its plumbing (scripts/gpu_check.sh --dry-run)")
+    p.add_argument("--gpu-protos", type=int, default=None, help="NeuCLIP's m in part 4 (default: the paper's 4096)")
     return p
 
 
@@ -101,6 +109,8 @@ def parse_opts(argv: list[str]) -> argparse.Namespace:
         opts.seeds = [int(s) for s in str(opts.seeds).split(",")]
         for name in ("cost_methods", "error_methods", "quality_methods", "gpu_methods"):
             setattr(opts, name, parse_method_list(getattr(opts, name)))
+        opts.peer_methods = [m.strip() for m in opts.peer_methods.split(",") if m.strip()]
+        parse_method_list(",".join(m.partition("-m")[0] for m in opts.peer_methods))
         check_sizes(opts)
     except ValueError as exc:
         parser.error(str(exc))
@@ -245,7 +255,7 @@ def main(argv=None) -> dict:
             + ", ".join(f"{k} ~{v / 60:.1f} min" for k, v in parts.items())
             + f"; total ~{sum(parts.values()) / 60:.1f} min")
     sections, data, done = {}, {}, []
-    runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu}
+    runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu, "peer": _run_peer}
     for part in opts.parts:
         part_start = time.perf_counter()
         section, part_data = runners[part](opts, log)
@@ -288,6 +298,11 @@ def _run_quality(opts, log):
 def _run_gpu(opts, log):
     from training.bench.gpu import run_gpu  # noqa: PLC0415
     return run_gpu(opts, opts.out, log)
+
+
+def _run_peer(opts, log):
+    from training.bench.peer import run_peer  # noqa: PLC0415
+    return run_peer(opts, opts.out, log)
 
 
 def _json_default(obj):

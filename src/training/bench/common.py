@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# This file is src/training/bench/common.py: four levels up is the repository.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SRC_DIR = os.path.join(REPO_ROOT, "src")
 
 # FastCLIP-v3 (RGCL-g), the family settings the CPU quickstart uses (scripts/quickstart.sh); NeuCLIP and
