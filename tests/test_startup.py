@@ -248,7 +248,7 @@ def test_progress_bar_only_when_asked(tmp_path, capsys, single_torch_thread):
 def test_progress_control_delegates_the_stop_decision():
     """Bug this guards: wrapping the loop's control object must not swallow a preemption stop."""
     class Bar:
-        n, format_dict = 0, {"rate": 2.0}
+        n, initial, format_dict = 0, 0, {"elapsed": 1.5}
         def update(self, k): self.n += k
         def set_postfix_str(self, text, refresh=False): self.postfix = text
 
@@ -259,4 +259,4 @@ def test_progress_control_delegates_the_stop_decision():
     bar = Bar()
     wrapped = ProgressControl(Control(), bar, samples_per_step=16)
     assert [wrapped.after_step(s, 0, s, 5) for s in (1, 2, 3)] == [False, False, True]
-    assert bar.n == 3 and bar.postfix == "32 samples/s" and wrapped.stopped_at is None
+    assert bar.n == 3 and bar.postfix == "32 samples/s" and wrapped.stopped_at is None  # 3 steps x 16 / 1.5 s

@@ -25,10 +25,12 @@ class ProgressControl:
         self._control, self._bar, self._samples_per_step = control, bar, samples_per_step
 
     def after_step(self, step, *rest, **kwargs):
+        # The rate from the bar's own clock: tqdm's smoothed `rate` stays None until a refresh interval has
+        # passed, so a short run (or a fast machine) would never show samples/s.
+        steps, elapsed = step - self._bar.initial, self._bar.format_dict.get("elapsed", 0.0)
+        if steps > 0 and elapsed > 0:
+            self._bar.set_postfix_str(f"{steps / elapsed * self._samples_per_step:,.0f} samples/s", refresh=False)
         self._bar.update(step - self._bar.n)
-        rate = self._bar.format_dict.get("rate")
-        if rate:
-            self._bar.set_postfix_str(f"{rate * self._samples_per_step:,.0f} samples/s", refresh=False)
         return self._control.after_step(step, *rest, **kwargs)
 
     def __getattr__(self, name):  # at_epoch_end, stopped_at, ...
