@@ -1,8 +1,8 @@
 """The curated mutants of scripts/mutants.py: plausible bugs in the maths, the loop, resume and data position.
 
 Each entry: a name, the file, one or more (exact pattern, replacement) edits, the tests that should catch
-it (most likely killer first: pytest runs with -x), and why the bug is plausible. `quick` mutants run with
---quick (their tests take seconds). `equivalent` names why a mutant cannot change behaviour; such a
+it (most likely killer first: pytest runs with -x), and why the bug is plausible. --quick runs the
+subset named in QUICK (one or two per kind of bug, tests of seconds each: a few minutes on an idle machine). `equivalent` names why a mutant cannot change behaviour; such a
 mutant is expected to survive.
 """
 from dataclasses import dataclass
@@ -15,15 +15,20 @@ class Mutant:
     edits: list
     tests: list
     why: str
-    quick: bool = True
+    quick: bool = False
     equivalent: str | None = None
 
 
 PAPER, GCL, NPN, EST = "tests/test_paper_reference.py", "tests/test_gcl.py", "tests/test_npn.py", "tests/test_estimators.py"
-STATE, POS = "tests/test_state_and_ranks.py", "tests/test_position.py"
+POS = "tests/test_position.py"
+_STATE = "tests/test_state_and_ranks.py::"
+RING = _STATE + "test_ring_state_round_trips_at_a_nonzero_write_position"
+RANKS = _STATE + "test_loop_averages_the_methods_own_gradients_over_ranks"
+RNG = _STATE + "test_every_rank_resumes_its_own_rng_streams"
+LOGIT_CLAMP = _STATE + "test_loop_clamps_logit_scale_at_its_bounds"
+TAU_CLAMP = _STATE + "test_per_sample_tau_gradient_is_clamped_at_plus_and_minus_five"
 NDIST, GDIST, ACC = "tests/test_neuclip_distributed.py", "tests/test_gcl_distributed.py", "tests/test_accumulation.py"
 RESUME = "tests/test_main.py::test_resume_continues_exactly"
-AUGMENT = "tests/test_reliability.py::test_resumed_pass_yields_the_same_batches_and_augmentations"
 
 CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py", "src/contrastive/temperature.py"
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
@@ -48,11 +53,10 @@ MUTANTS = [
       "neg_scale = scale_all if differentiate_tau_twice else scale_all.detach()", "neg_scale = scale_all",
       [GCL, PAPER], "λ differentiated on the negative side too (the reference's double count) by default"),
     m("core_no_world_scaling", CORE, "return (anchor_part + negative_part) * world / n",
-      "return (anchor_part + negative_part) / n", [GDIST], "the rank's loss not scaled by W before DDP's mean",
-      quick=False),
+      "return (anchor_part + negative_part) / n", [GDIST], "the rank's loss not scaled by W before DDP's mean"),
     m("core_negative_side_offset", CORE, "_logsumexp_without_positive(neg_logits, -loc.start)",
       "_logsumexp_without_positive(neg_logits, loc.start)", [GDIST],
-      "negative-side positive mask at the wrong offset on ranks > 0", quick=False),
+      "negative-side positive mask at the wrong offset on ranks > 0"),
     m("core_eps_ignored", CORE, "    if eps <= 0:\n        return log_g\n", "    if eps >= 0:\n        return log_g\n",
       [GCL, PAPER], "ε dropped from the batch normalizer"),
     m("core_positive_detached", CORE, "pos = (anchors * positives).sum(-1, keepdim=True)",
@@ -71,10 +75,10 @@ MUTANTS = [
       [EST], "the text u's overwritten with the image side's"),
     # ------------------------------------------------------------------------------ temperature
     m("tau_grad_clamp_removed", TEMP, "return (value + rho + sensitivity).clamp(-TAU_GRAD_CLAMP, TAU_GRAD_CLAMP)",
-      "return value + rho + sensitivity", [STATE, GCL], "the reference's ±5 clamp dropped"),
+      "return value + rho + sensitivity", [TAU_CLAMP, GCL], "the reference's ±5 clamp dropped"),
     m("tau_grad_clamp_one_sided", TEMP, "return (value + rho + sensitivity).clamp(-TAU_GRAD_CLAMP, TAU_GRAD_CLAMP)",
-      "return (value + rho + sensitivity).clamp(max=TAU_GRAD_CLAMP)", [STATE], "only the upper bound clamped"),
-    m("tau_grad_clamp_value", TEMP, "TAU_GRAD_CLAMP = 5.0", "TAU_GRAD_CLAMP = 10.0", [STATE],
+      "return (value + rho + sensitivity).clamp(max=TAU_GRAD_CLAMP)", [TAU_CLAMP], "only the upper bound clamped"),
+    m("tau_grad_clamp_value", TEMP, "TAU_GRAD_CLAMP = 5.0", "TAU_GRAD_CLAMP = 10.0", [TAU_CLAMP],
       "the clamp at another bound"),
     m("tau_sensitivity_sign", TEMP, "sensitivity = -log_ratio.exp() * weighted_sum",
       "sensitivity = log_ratio.exp() * weighted_sum", [GCL], "sign of ∂g/∂τ flipped"),
@@ -108,7 +112,7 @@ MUTANTS = [
     m("adagrad_forgets", NPN_PY, "sum_sq.addcmul_(g, g)", "sum_sq.copy_(g * g)", [NPN, PAPER],
       "accumulator replaced, not summed (RMSprop-like sign steps)"),
     m("npn_grads_not_averaged_over_ranks", NPN_PY, "    if not comm.is_distributed():\n        return grads\n",
-      "    if True:\n        return grads\n", [NDIST], "every rank steps its NPN with its own gradient", quick=False),
+      "    if True:\n        return grads\n", [NDIST], "every rank steps its NPN with its own gradient"),
     # ---------------------------------------------------------------------------------- NeuCLIP
     m("restart_subset_wrong_modality", NEU, "return texts[pick], images[pick]", "return images[pick], texts[pick]",
       [PAPER], "m ≤ N restart: each NPN seeded with its own modality's embeddings"),
@@ -142,7 +146,7 @@ MUTANTS = [
       "m > N restart fills with the oldest ring rows"),
     m("ring_write_position_not_saved", NEU,
       "return torch.tensor([self._initialized, self._last_restart, self._ring_next, self._ring_count])",
-      "return torch.tensor([self._initialized, self._last_restart, 0, self._ring_count])", [STATE, NPN],
+      "return torch.tensor([self._initialized, self._last_restart, 0, self._ring_count])", [RING, NPN],
       "checkpoint restores the ring at write position 0"),
     m("ring_count_not_accumulated", NEU, "self._ring_count = min(capacity, self._ring_count + n)",
       "self._ring_count = min(capacity, n)", [PAPER, NPN], "the ring remembers one batch only"),
@@ -153,7 +157,7 @@ MUTANTS = [
     m("inner_loop_on_all_rows", NEU,
       "        img, txt = self._sides(feats, stats, rows=feats.local)\n        params, values",
       "        img, txt = self._sides(feats, stats)\n        params, values", [NDIST],
-      "each rank differentiates every gathered anchor", quick=False,
+      "each rank differentiates every gathered anchor",
       equivalent="every rank then computes the global batch's gradient itself; the all-reduce mean of W "
                  "identical gradients is that gradient: only the work is W times larger (and only in "
                  "floating-point rounding could it differ)"),
@@ -169,25 +173,25 @@ MUTANTS = [
                                                        "carries no gradient either way"),
     # ------------------------------------------------------------------------- loop, accumulation
     m("logit_scale_clamp_removed", LOOP, "raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)",
-      "raw_model.logit_scale.clamp_(0, float('inf'))", [STATE], "τ may fall below 0.01"),
+      "raw_model.logit_scale.clamp_(0, float('inf'))", [LOGIT_CLAMP], "τ may fall below 0.01"),
     m("logit_scale_lower_clamp_removed", LOOP, "raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)",
-      "raw_model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)", [STATE], "τ may exceed 1"),
-    m("method_grads_not_averaged", LOOP, "    comm.all_reduce_mean_(flat)\n", "    flat = flat.clone()\n", [STATE],
-      "SigLIP's bias and the simultaneous NPN not averaged over ranks", quick=False),
-    m("method_grads_skipped", LOOP, "if not grads or comm.world_size() == 1:", "if True:", [STATE],
-      "average_method_grads never runs", quick=False),
+      "raw_model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)", [LOGIT_CLAMP], "τ may exceed 1"),
+    m("method_grads_not_averaged", LOOP, "    comm.all_reduce_mean_(flat)\n", "    flat = flat.clone()\n", [RANKS],
+      "SigLIP's bias and the simultaneous NPN not averaged over ranks"),
+    m("method_grads_skipped", LOOP, "if not grads or comm.world_size() == 1:", "if True:", [RANKS],
+      "average_method_grads never runs"),
     m("accumulation_every_pass_carries_step", LOOP, "carries_step_gradient=last))", "carries_step_gradient=True))",
-      [ACC], "τ / NPN / bias gradient counted k times with --accum-freq k", quick=False),
+      [ACC], "τ / NPN / bias gradient counted k times with --accum-freq k"),
     m("accumulation_logit_scale_not_detached", FEATS,
       "logit_scale=logit_scale if carries_step_gradient else logit_scale.detach(),",
-      "logit_scale=logit_scale,", [ACC], "τ differentiated in every micro-batch pass", quick=False),
+      "logit_scale=logit_scale,", [ACC], "τ differentiated in every micro-batch pass"),
     # ------------------------------------------------------------------------- checkpoint, position
-    m("rng_every_rank_gets_rank0", CKPT, "set_rng_state(rng[rank])", "set_rng_state(rng[0])", [STATE],
-      "on resume every rank continues rank 0's random streams", quick=False),
-    m("rng_not_restored", CKPT, "if rng and len(rng) == self.args.world_size:", "if rng and len(rng) == -1:", [STATE],
-      "RNG states saved but never restored", quick=False),
+    m("rng_every_rank_gets_rank0", CKPT, "set_rng_state(rng[rank])", "set_rng_state(rng[0])", [RNG],
+      "on resume every rank continues rank 0's random streams"),
+    m("rng_not_restored", CKPT, "if rng and len(rng) == self.args.world_size:", "if rng and len(rng) == -1:", [RNG],
+      "RNG states saved but never restored"),
     m("method_state_not_restored", CKPT, '                self.method.load_state_dict(ckpt["method"])\n',
-      "                pass\n", [RESUME], "resume forgets u's / NPN / temperatures", quick=False),
+      "                pass\n", [RESUME], "resume forgets u's / NPN / temperatures"),
     m("position_epoch_end_not_rolled_over", CKPT, "    if batch >= steps_per_epoch:\n",
       "    if batch > steps_per_epoch:\n", [POS], "a checkpoint at an epoch's last batch resumes into an empty pass"),
     m("position_not_converted_for_new_global_batch", CKPT, "        batch = samples // new_global\n",
@@ -199,3 +203,16 @@ MUTANTS = [
     m("augmentation_leaks_python_rng", POS_PY, "                random.setstate(python_state)\n",
       "                pass\n", [POS], "the training process's Python RNG reseeded by every sample"),
 ]
+
+
+#: The --quick subset: one or two mutants per kind of bug, each with fast tests.
+QUICK = {"core_positive_not_masked", "core_tau_differentiated_twice", "ma_gamma_swapped", "tau_grad_clamp_removed",
+         "tau_text_reads_image_column", "npn_closed_form_radial_sign", "npn_unified_grad_not_over_n",
+         "adagrad_without_sqrt", "restart_subset_wrong_modality", "restart_image_npn_gets_images",
+         "restart_after_inner_loop", "encoder_uses_alpha_before_inner_loop", "text_npn_uses_image_temperatures",
+         "restart_schedule_off_by_one", "ring_write_position_not_saved", "unified_objective_without_minus_one",
+         "logit_scale_clamp_removed", "position_epoch_end_not_rolled_over", "sampler_start_ignored",
+         "augmentation_leaks_python_rng"}
+for _mutant in MUTANTS:
+    _mutant.quick = _mutant.name in QUICK
+assert QUICK <= {m.name for m in MUTANTS}, sorted(QUICK - {m.name for m in MUTANTS})
