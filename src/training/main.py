@@ -35,14 +35,17 @@ from contrastive import build_method
 
 from training.checkpoint import CheckpointManager, map_position
 from training.data.loader import get_data
-from training.distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
+from training.distributed import (broadcast_object, init_distributed, is_distributed, report_failure, shutdown,
+                                  wrap_ddp)
 from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, write_info_pkl
 from training.logger import TensorBoard, setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
+from training.input_checks import check_global_batch
 from training.preemption import Preempted, StepCheckpoints, StopSignals
+from training.run_lock import die_with_launcher, lock_run_folder, release_run_folder
 from training.scheduler import LRScheduler
 
 log = logging.getLogger("training")
@@ -73,6 +76,7 @@ def prepare_run_folder(args) -> tuple[str, dict]:
                 previous = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
             args.resume = args.resume or "latest"
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        lock_run_folder(run_dir)  # one writer per run folder (training.run_lock)
     args.resume = broadcast_object(args.resume)
     return run_dir, previous
 
@@ -106,15 +110,19 @@ def fill_data_defaults(args) -> None:
 def main(argv=None) -> dict:
     """Train; returns a summary. Raises Preempted (SystemExit(75)) after a signal's checkpoint."""
     args = parse_args(argv)
+    die_with_launcher()  # torchrun's workers are in sessions of their own: no orphans if the agent dies
     info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
     signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
     try:
         return train(args, info, signals)
     except Exception as exc:  # not Preempted: a SystemExit
         report_failure(exc)  # distributed runs: names the ranks that failed, and how
+        if not is_distributed():  # one process: the reason belongs in out.log, not only on stderr
+            log.error("run failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         raise
     finally:
         signals.restore()
+        release_run_folder()
 
 
 def train(args, info, signals: StopSignals) -> dict:
@@ -123,6 +131,7 @@ def train(args, info, signals: StopSignals) -> dict:
     args.precision = resolve_precision(args, info.device.type)
     args.name = args.name or default_run_name(args)
     fill_data_defaults(args)
+    check_global_batch(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
     if previous:
