@@ -298,3 +298,42 @@ def test_fatal_error_of_a_single_process_reaches_out_log(tmp_path):
         main(flags(tmp_path, "run", "openclip", "--resume", str(tmp_path / "nowhere.pt")))
     assert re.search(r"ERROR \| run failed: FileNotFoundError: --resume \S+nowhere\.pt: no such checkpoint file",
                      (tmp_path / "run" / "out.log").read_text())
+
+
+# ------------------------------------------------------------------------------- sample keys
+
+def shard_argv(tmp_path, train_data, *extra):
+    return [*flags(tmp_path, "run", "fastclip", "--batch-size", "4", "--stop_epochs", "0"),
+            "--dataset-type", "webdataset", "--train-data", train_data, "--train-num-samples", "32", *extra]
+
+
+def test_key_collision_across_joined_data_sets_is_refused_at_start_up(tmp_path):
+    """Two img2dataset sets joined with '::' both number their samples from 0: two samples shared one u slot."""
+    for name in ("a", "b"):
+        write_shards(str(tmp_path / name), 16, samples_per_shard=8)
+    joined = f"{tmp_path / 'a' / '{00000..00001}.tar'}::{tmp_path / 'b' / '{00000..00001}.tar'}"
+    with pytest.raises(ValueError, match=r"--train-data parts 1 and 2 \(joined with '::'\) both hold sample key 0 "):
+        main(shard_argv(tmp_path, joined, "--data_size", "32"))
+
+
+@pytest.mark.parametrize("bad_key, message", [(-3, r"sample key -3 \(sample '000000003' of shard \S+\) does not "
+                                                   r"fit --data_size 16"),
+                                              ("x3", r"sample key 'x3' is not an integer")])
+def test_bad_json_key_is_refused_at_start_up(tmp_path, bad_key, message):
+    """A negative or non-integer .json key stopped the run mid-epoch, at the batch that held it."""
+    import io
+    import json
+    import tarfile
+    write_shards(str(tmp_path), 16, samples_per_shard=8)
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar]
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            if info.name == "000000003.json":
+                data = json.dumps({**json.loads(data), "key": bad_key}).encode()
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=message):
+        main(shard_argv(tmp_path, str(tmp_path / "{00000..00001}.tar"), "--data_size", "16",
+                        "--train-num-samples", "16"))

@@ -43,7 +43,7 @@ from training.logger import TensorBoard, setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
-from training.input_checks import check_global_batch
+from training.input_checks import check_global_batch, check_shard_keys
 from training.preemption import Preempted, StepCheckpoints, StopSignals
 from training.run_lock import die_with_launcher, lock_run_folder, release_run_folder
 from training.scheduler import LRScheduler
@@ -132,6 +132,7 @@ def train(args, info, signals: StopSignals) -> dict:
     args.name = args.name or default_run_name(args)
     fill_data_defaults(args)
     check_global_batch(args)
+    check_shard_keys(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
     if previous:
