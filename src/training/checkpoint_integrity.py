@@ -63,9 +63,10 @@ def verify_zip(path: str) -> None:
                                 "(the bytes on disk changed after the write)")
 
 
-def with_retries(read, path: str, attempts: int = READ_ATTEMPTS, backoff_s: float = READ_BACKOFF_S):
+def with_retries(read, path: str, attempts: int = READ_ATTEMPTS, backoff_s: float | None = None):
     """read() with transient errors (OSError, MemoryError) retried; CheckpointUnreadable when they persist.
     A FileNotFoundError is not transient: another writer removed it, and that is reported as is."""
+    backoff_s = READ_BACKOFF_S if backoff_s is None else backoff_s  # looked up per call (tests shorten it)
     for attempt in range(attempts):
         try:
             return read()
