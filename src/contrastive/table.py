@@ -2,8 +2,12 @@
 
 Shared by FastCLIP's moving average (`estimators`) and the per-sample temperatures (`temperature`).
 """
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class PerSampleTable(nn.Module):
@@ -19,6 +23,7 @@ class PerSampleTable(nn.Module):
             raise ValueError(f"{owner} keeps one entry per sample key: set --data_size to the size of "
                              f"the key space (largest key + 1); got {size}")
         self.size, self.owner = size, owner
+        self.fills = {name: fill for name, (_, fill) in columns.items()}
         for name, (dtype, fill) in columns.items():
             self.register_buffer(name, torch.full((size,), fill, dtype=dtype))
 
@@ -30,6 +35,28 @@ class PerSampleTable(nn.Module):
         # Module.to / .cuda / .double / .half all go through _apply: per-sample state stays on the
         # host in its own dtype whatever device or precision the rest of the method moves to.
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A larger --data_size (keys beyond the old range were added) resumes: the saved columns are padded
+        # with their fill value, so the new keys start as never seen. A smaller one is refused unless the
+        # entries it drops were never set.
+        for name, fill in self.fills.items():
+            saved = state_dict.get(prefix + name)
+            if saved is None or saved.dim() != 1 or saved.shape[0] == self.size:
+                continue
+            old = saved.shape[0]
+            if old > self.size and not torch.equal(saved[self.size:], torch.full((old - self.size,), fill,
+                                                                                 dtype=saved.dtype)):
+                raise ValueError(f"{self.owner}: the checkpoint holds per-sample state for {old} keys, this run "
+                                 f"has --data_size {self.size}: the state of keys ≥ {self.size} would be lost; "
+                                 f"set --data_size {old} (or more)")
+            resized = torch.full((self.size,), fill, dtype=saved.dtype)
+            resized[:min(old, self.size)] = saved[:min(old, self.size)]
+            state_dict[prefix + name] = resized
+            if name == next(iter(self.fills)):
+                log.info("%s: per-sample state resized from %d to %d keys (--data_size); new keys start as "
+                         "never seen", self.owner, old, self.size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def host_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """Keys as host int64 indices, checked against the table's size."""

@@ -11,8 +11,12 @@ Files: `epoch_N.pt` / `epoch_latest.pt` at epoch ends (open_clip's --save-freque
 and `iter_{step}.pt` mid-run (--save-every-n-steps, --save-every-n-minutes, preemption), of which the last
 --keep-last-k are kept. Each is written to a temporary name, fsynced and renamed, so a crash never leaves
 a half-written file under a real name. Resuming picks the checkpoint with the highest step that loads
-and has every required key; a damaged newer one is skipped with a warning naming it and renamed to
-NAME.corrupt. Checkpoints from beyond the step a run resumes at (an explicit --resume of an older file)
+and has every required key, after checking its zip CRCs; a damaged newer one is skipped with a warning
+naming it and renamed to NAME.corrupt, while one that could not be read right now (EIO, out of memory)
+is retried and then left untouched (`training.checkpoint_integrity`). When checkpoints exist and none can
+be used, the run stops and says so (--resume-fresh starts over on purpose): never a silent fresh start.
+A state with non-finite parameters is never written, and a new file is read back (CRCs) before
+retention deletes older ones. Checkpoints from beyond the step a run resumes at (an explicit --resume of an older file)
 are renamed to NAME.superseded, so that a later automatic resume does not jump back to them.
 """
 import glob
@@ -25,7 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.distributed import barrier, broadcast_object, unwrap
+from training.checkpoint_integrity import (CheckpointDamaged, CheckpointUnreadable, NonFiniteState, load_verified,
+                                           nonfinite_entries, save_keeping_errno, verify_zip)
+from training.distributed import all_reduce_max_, barrier, broadcast_object, unwrap
+from training.resume_checks import check_position_transfer, check_size_flags, method_state_mismatch, size_flags
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -68,10 +75,13 @@ def _all_ranks(obj) -> list:
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file, fsync, rename over `path`, fsync the directory."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            save_keeping_errno(obj, f, path)  # an OSError keeps its errno (ENOSPC), not `unexpected pos`
+    except BaseException:
+        if os.path.exists(tmp):  # a failed write must not use up the space a retry needs
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
     try:
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -84,15 +94,17 @@ def atomic_save(obj, path: str) -> None:
 
 
 def read_checkpoint(path: str, required=REQUIRED_KEYS, mmap: bool = False) -> dict:
-    """torch.load, checking the keys a resumable checkpoint has; ValueError naming the file otherwise."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    """torch.load (CRCs checked unless mmap), checking the keys a resumable checkpoint has and that its
+    weights are finite. CheckpointDamaged (a ValueError) naming the file; CheckpointUnreadable (an
+    OSError) when it could not be read even after retries."""
+    ckpt = load_verified(path, mmap=mmap)
     missing = [key for key in required if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}: not a complete training checkpoint")
+        raise CheckpointDamaged(f"checkpoint {path} lacks {', '.join(missing)}: not a complete training checkpoint")
+    if not mmap and isinstance(ckpt.get("state_dict"), dict):
+        bad = nonfinite_entries(ckpt["state_dict"], ckpt.get("method") or {})
+        if bad:
+            raise CheckpointDamaged(f"checkpoint {path} holds non-finite values in {', '.join(bad)}")
     return ckpt
 
 
@@ -105,6 +117,7 @@ def map_position(ckpt: dict, args, steps_per_epoch: int) -> tuple[int, int]:
     another global batch (batch size × world size × accum-freq) it is converted through the samples
     consumed."""
     position = ckpt.get("data_position") or {}
+    check_position_transfer(ckpt, args)  # shards: another split over readers changes the epoch
     epoch, batch = int(position.get("epoch", ckpt.get("epoch", 0))), int(position.get("batch", 0))
     new_global = samples_per_step(args)
     old_global = int(position.get("global_batch", new_global))
@@ -120,6 +133,10 @@ def map_position(ckpt: dict, args, steps_per_epoch: int) -> tuple[int, int]:
     return epoch, batch
 
 
+class NoUsableCheckpoint(RuntimeError):
+    """The run folder has checkpoints, and none of them can be used."""
+
+
 class CheckpointManager:
     def __init__(self, checkpoint_dir: str, args, is_master: bool, *, model, optimizer, scaler, method):
         self.dir, self.args, self.is_master = checkpoint_dir, args, is_master
@@ -131,19 +148,30 @@ class CheckpointManager:
 
     def state(self, *, epoch: int, train_state, position: dict) -> dict:
         barrier()  # gloo: names any rank that does not reach the checkpoint
+        model_state, method_state = unwrap(self.model).state_dict(), self.method.state_dict()
+        bad = nonfinite_entries(model_state, method_state)
+        # every rank decides together: one rank's NaN method state must stop all of them at this checkpoint
+        if int(all_reduce_max_(torch.tensor([int(bool(bad))], device=self.args.device)).item()):
+            raise NonFiniteState(
+                f"not writing a checkpoint at step {train_state.step}: "
+                f"{', '.join(bad) if bad else 'another rank’s state'} is not finite, and a checkpoint of it "
+                "would replace the good ones; the run stops here (resume from the newest checkpoint with a "
+                "lower --lr or --lr_tau, --grad-clip-norm, or --precision fp32/amp_bf16)")
         return {
             "format_version": FORMAT_VERSION,
             "epoch": epoch,
             "name": self.args.name,
-            "state_dict": unwrap(self.model).state_dict(),
+            "state_dict": model_state,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "method": self.method.state_dict(),
+            "method": method_state,
             "method_name": self.args.method,
             "step": train_state.step,
             "train_state": {"skipped_nonfinite": train_state.skipped_nonfinite,
                             "consecutive_nonfinite": train_state.consecutive_nonfinite},
-            "data_position": {**position, "global_batch": samples_per_step(self.args)},
+            "data_position": {**position, "global_batch": samples_per_step(self.args),
+                              "readers": max(1, self.args.workers)},
+            "size_flags": size_flags(self.args),
             "world_size": self.args.world_size,
             "batch_size": self.args.batch_size,
             "rng": _all_ranks(rng_state()),  # collective: every rank must call save
@@ -162,7 +190,7 @@ class CheckpointManager:
             path = os.path.join(self.dir, f"epoch_{completed}.pt")
             atomic_save(ckpt, path)
             written.append(path)
-            if self.args.delete_previous_checkpoint:
+            if self.args.delete_previous_checkpoint and self.verified(path):
                 previous = os.path.join(self.dir, f"epoch_{completed - frequency}.pt")
                 if os.path.exists(previous):
                     os.remove(previous)
@@ -178,9 +206,22 @@ class CheckpointManager:
         path = os.path.join(self.dir, f"iter_{train_state.step}.pt")
         if self.is_master:
             atomic_save(ckpt, path)
-            for old in self.iter_checkpoints()[:-self.args.keep_last_k]:
-                os.remove(old)
+            if self.verified(path):  # retention never deletes the last checkpoint that verified
+                for old in self.iter_checkpoints()[:-self.args.keep_last_k]:
+                    os.remove(old)
         return path
+
+    def verified(self, path: str) -> bool:
+        """The file just written reads back with intact CRCs; else it is set aside and False."""
+        try:
+            verify_zip(path)
+            return True
+        except (CheckpointDamaged, OSError) as exc:
+            log.error("%s: the checkpoint just written does not read back intact (failing storage?); "
+                      "older checkpoints are kept", exc)
+            if isinstance(exc, CheckpointDamaged):
+                self._set_aside(path, ".corrupt", f"{path} fails verification")
+            return False
 
     def iter_checkpoints(self) -> list[str]:
         """iter_N.pt files, oldest first."""
@@ -189,15 +230,22 @@ class CheckpointManager:
         return [path for _, path in sorted(found)]
 
     def newest_valid(self) -> tuple[str, dict] | tuple[None, None]:
-        """The readable, complete checkpoint of this run folder with the highest step, and its contents."""
-        candidates = []
-        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+        """The intact, complete checkpoint of this run folder with the highest step, and its contents.
+        Damaged files are renamed NAME.corrupt; unreadable ones are left alone. When the folder has
+        checkpoints (or earlier .corrupt ones) and none is usable, NoUsableCheckpoint: never a silent
+        fresh start."""
+        candidates, unreadable = [], []
+        for name in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
             match = CHECKPOINT_NAME.match(name)
             if not match:
                 continue
             path = os.path.join(self.dir, name)
             try:  # mmap: only the pickled metadata is read here, to order by step
                 step = int(read_checkpoint(path, mmap=True)["step"])
+            except CheckpointUnreadable as exc:
+                log.warning("%s: skipping it", exc)
+                unreadable.append(name)
+                continue
             except ValueError as exc:
                 self._set_aside(path, ".corrupt", f"{exc}: skipping it")
                 continue
@@ -205,9 +253,27 @@ class CheckpointManager:
         for _, _, path in sorted(candidates, reverse=True):
             try:
                 return path, read_checkpoint(path)
+            except CheckpointUnreadable as exc:
+                log.warning("%s: falling back to the previous checkpoint", exc)
+                unreadable.append(os.path.basename(path))
             except ValueError as exc:
                 self._set_aside(path, ".corrupt", f"{exc}: falling back to the previous checkpoint")
+        damaged = sorted(n for n in os.listdir(self.dir) if n.endswith(".corrupt")) if os.path.isdir(self.dir) else []
+        if unreadable or damaged:
+            raise NoUsableCheckpoint(
+                f"no usable checkpoint in {self.dir}: "
+                + "; ".join(filter(None, [unreadable and f"could not be read (left untouched): {', '.join(unreadable)}",
+                                          damaged and f"damaged (set aside): {', '.join(damaged)}"]))
+                + ". Refusing to start over silently: fix the storage and launch again, restore a checkpoint "
+                "into the folder, or pass --resume-fresh to start from step 0 on purpose")
         return None, None
+
+    def discard_all(self) -> None:
+        """--resume-fresh: set every checkpoint of the folder aside (NAME.discarded), damaged ones too, so
+        that neither this run nor a later automatic resume goes back to them."""
+        for name in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
+            if CHECKPOINT_NAME.match(name) or (name.endswith(".corrupt") and CHECKPOINT_NAME.match(name[:-8])):
+                self._set_aside(os.path.join(self.dir, name), ".discarded", "--resume-fresh: starting over")
 
     def supersede_newer(self, step: int) -> None:
         """Rank 0, resuming at `step`: this folder's checkpoints from beyond it are another trajectory's."""
@@ -215,7 +281,7 @@ class CheckpointManager:
             path = os.path.join(self.dir, name)
             try:
                 newer = CHECKPOINT_NAME.match(name) and read_checkpoint(path, ("step",), mmap=True)["step"] > step
-            except ValueError:
+            except (ValueError, OSError):
                 continue
             if newer:
                 self._set_aside(path, ".superseded", f"{path} is from beyond step {step}, where this run resumes")
@@ -228,22 +294,36 @@ class CheckpointManager:
     def resolve(self, resume: str | None) -> tuple[str | None, dict | None]:
         """(path, contents) that --resume names ('latest': the newest valid in this run folder). Rank 0
         decides and every rank gets its path; contents only on rank 0 (the others read it themselves)."""
-        path, ckpt = None, None
-        if self.is_master and resume:
-            if resume == "latest":
-                path, ckpt = self.newest_valid()
-            elif not os.path.isfile(resume):
-                raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
-            else:
-                path, ckpt = resume, read_checkpoint(resume, required=("state_dict",))
-            if ckpt is not None:
-                self.supersede_newer(int(ckpt.get("step", 0)))
-        return broadcast_object(path), ckpt
+        path, ckpt, error = None, None, None
+        fresh = getattr(self.args, "resume_fresh", False)
+        if self.is_master and (resume or fresh):
+            try:
+                if fresh and resume not in (None, "latest"):
+                    raise ValueError(f"--resume-fresh and --resume {resume}: choose one")
+                if fresh:
+                    self.discard_all()
+                elif resume == "latest":
+                    path, ckpt = self.newest_valid()
+                elif not os.path.isfile(resume):
+                    raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+                else:
+                    path, ckpt = resume, read_checkpoint(resume, required=("state_dict",))
+                if ckpt is not None:
+                    self.supersede_newer(int(ckpt.get("step", 0)))
+            except Exception as exc:  # every rank stops with rank 0's reason, rather than waiting for it
+                error = exc
+        path, reason = broadcast_object((path, f"{type(error).__name__}: {error}" if error else None))
+        if error is not None:
+            raise error
+        if reason is not None:
+            raise RuntimeError(f"rank 0 could not resume: {reason}")
+        return path, ckpt
 
     def load(self, path: str, ckpt: dict | None, device) -> dict:
         """Restore model, optimizer, scaler, method and this rank's RNG; returns the checkpoint."""
         if ckpt is None:
             ckpt = read_checkpoint(path, required=("state_dict",))
+        check_size_flags(path, ckpt, self.args)  # --model, --npn_num_protos: one line, before any load
         state_dict = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
         try:
             unwrap(self.model).load_state_dict(state_dict)
@@ -253,7 +333,10 @@ class CheckpointManager:
         if "optimizer" in ckpt and ckpt.get("method_name", self.args.method) == self.args.method:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if "method" in ckpt:
-                self.method.load_state_dict(ckpt["method"])
+                try:  # per-sample tables grow to a larger --data_size by themselves (contrastive.table)
+                    self.method.load_state_dict(ckpt["method"])
+                except (RuntimeError, ValueError) as exc:
+                    raise ValueError(method_state_mismatch(path, exc)) from exc
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
         elif "optimizer" in ckpt:

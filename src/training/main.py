@@ -44,7 +44,8 @@ from contrastive import build_method
 
 from training.checkpoint import CheckpointManager, map_position
 from training.data.loader import get_data
-from training.distributed import broadcast_object, init_distributed, report_failure, shutdown, wrap_ddp
+from training.distributed import (broadcast_object, init_distributed, is_distributed, report_failure, shutdown,
+                                  wrap_ddp)
 from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, write_info_pkl
 from training.export import config_from_args, write_config
@@ -56,7 +57,9 @@ from training.logger import setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
+from training.input_checks import check_global_batch, check_shard_keys
 from training.preemption import Preempted, StepCheckpoints, StopSignals
+from training.run_lock import die_with_launcher, lock_run_folder, release_run_folder
 from training.scheduler import LRScheduler
 from training import progress, quiet, startup_checks
 from training.threads import apply_thread_policy
@@ -93,6 +96,7 @@ def prepare_run_folder(args) -> tuple[str, dict]:
                 previous = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
             args.resume = args.resume or "latest"
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        lock_run_folder(run_dir)  # one writer per run folder (training.run_lock)
     args.resume = broadcast_object(args.resume)
     return run_dir, previous
 
@@ -126,6 +130,7 @@ def fill_data_defaults(args) -> None:
 def main(argv=None) -> dict:
     """Train; returns a summary. Raises Preempted (SystemExit(75)) after a signal's checkpoint."""
     args = parse_args(argv)
+    die_with_launcher()  # torchrun's workers are in sessions of their own: no orphans if the agent dies
     info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
     signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
     threads = torch.get_num_threads()
@@ -136,9 +141,12 @@ def main(argv=None) -> dict:
     except Exception as exc:  # not Preempted: a SystemExit
         if not is_user_error(exc):  # a user error is the same on every rank, and said once by run_cli
             report_failure(exc)  # distributed runs: names the ranks that failed, and how
+            if not is_distributed():  # one process: the reason belongs in out.log, not only on stderr
+                log.error("run failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         raise
     finally:
         signals.restore()
+        release_run_folder()
         progress.close_all()  # after an exception too: console logging leaves the bar
         torch.set_num_threads(threads)  # the thread policy is this run's, not the calling process's
 
@@ -157,6 +165,8 @@ def train(args, info, signals: StopSignals) -> dict:
                               "pass --name")
     fill_data_defaults(args)
     startup_checks.check_data_size(args)
+    check_global_batch(args)
+    check_shard_keys(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
     apply_logging_flags(args, run_dir)

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-auto-resume", action="store_true",
                      help="refuse to start in an existing run folder (open_clip's behaviour) instead of "
                           "resuming from its newest valid checkpoint")
+    run.add_argument("--resume-fresh", action="store_true",
+                     help="in an existing run folder, start over from step 0 on purpose: its checkpoints are "
+                          "renamed NAME.discarded (without it, a folder whose checkpoints cannot be used stops)")
     run.add_argument("--save-every-n-steps", type=int, default=0,
                      help="also write checkpoints/iter_{step}.pt every N steps (0: off)")
     run.add_argument("--save-every-n-minutes", type=float, default=0.0,
