@@ -104,7 +104,7 @@ def checkpoint_rng_round_trip(rank: int, out_dir: str) -> dict:
     draws()
     model, method = nn.Linear(2, 2), nn.Linear(1, 1)
     args = SimpleNamespace(name="rng", method="none", world_size=WORLD, batch_size=4, accum_freq=1,
-                           device="cpu", model="linear")
+                           device="cpu", model="linear", workers=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     manager = CheckpointManager(out_dir, args, rank == 0, model=model, optimizer=optimizer, scaler=None,
                                 method=method)

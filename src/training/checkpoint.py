@@ -33,6 +33,7 @@ from training.checkpoint_integrity import (CheckpointDamaged, CheckpointUnreadab
                                            nonfinite_entries, save_keeping_errno, verify_zip)
 from training.distributed import all_reduce_max_, barrier, broadcast_object, unwrap
 from training.resume_checks import check_position_transfer, check_size_flags, method_state_mismatch, size_flags
+from training.user_errors import UserError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -336,7 +337,7 @@ class CheckpointManager:
                 try:  # per-sample tables grow to a larger --data_size by themselves (contrastive.table)
                     self.method.load_state_dict(ckpt["method"])
                 except (RuntimeError, ValueError) as exc:
-                    raise ValueError(method_state_mismatch(path, exc)) from exc
+                    raise UserError(method_state_mismatch(path, exc)) from exc
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
         elif "optimizer" in ckpt:

@@ -23,6 +23,14 @@ def setup_logging(log_file: str | None, is_master: bool, level=logging.INFO) -> 
     root.setLevel(level)
 
 
+def record_in_log_files(level: int, message: str) -> None:
+    """Write one record to out.log only (not the console): for a reason the console already shows once."""
+    record = logging.LogRecord("training", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, _HANDLER_TAG, False) and isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 class TensorBoard:
     """A SummaryWriter on rank 0, nothing elsewhere (or when --report-to does not ask for it)."""
 

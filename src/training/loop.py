@@ -193,7 +193,7 @@ def _compute_gradients(model, method, images, texts, keys, args, device, scaler,
     k = args.accum_freq
     if k == 1:
         with autocast(args.precision, device):
-            image_features, text_features, logit_scale, logit_bias = _encode(model, images, texts)
+            image_features, text_features, logit_scale, logit_bias = encode_batch(model, images, texts)
         feats = Features(image=image_features, text=text_features, logit_scale=logit_scale, keys=keys,
                          step=step, epoch=epoch, logit_bias=logit_bias)
         method.before_encoder_step(feats)
@@ -203,7 +203,7 @@ def _compute_gradients(model, method, images, texts, keys, args, device, scaler,
     micro = images.shape[0] // k
     rows = [slice(j * micro, (j + 1) * micro) for j in range(k)]
     with torch.no_grad(), autocast(args.precision, device):
-        cached = [_encode(model, images[r], texts[r]) for r in rows]
+        cached = [encode_batch(model, images[r], texts[r]) for r in rows]
     feats = Features(image=torch.cat([c[0] for c in cached]), text=torch.cat([c[1] for c in cached]),
                      logit_scale=cached[-1][2], keys=keys, step=step, epoch=epoch, logit_bias=cached[-1][3])
     method.before_encoder_step(feats)
@@ -212,14 +212,14 @@ def _compute_gradients(model, method, images, texts, keys, args, device, scaler,
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(args.precision, device):
-                image_features, text_features, logit_scale, logit_bias = _encode(model, images[r], texts[r])
+                image_features, text_features, logit_scale, logit_bias = encode_batch(model, images[r], texts[r])
             out = method(feats.micro_batch(r, image_features, text_features, logit_scale,
                                            carries_step_gradient=last, logit_bias=logit_bias))
             _backward(out.loss, scaler)
     return feats, out
 
 
-def _encode(model, images, texts):
+def encode_batch(model, images, texts):
     """(image, text, logit_scale, logit_bias or None): open_clip models built with init_logit_bias (the
     SigLIP configs) return the bias as a 4th output; whether a method uses it is the method's business."""
     out = model(images, texts)

@@ -53,7 +53,7 @@ from training.model_setup import apply_model_flags, create_kwargs
 from training.open_clip_flags import apply_logging_flags
 from training.remote_sync import RemoteSync
 from training.reporting import build_reporters
-from training.logger import setup_logging
+from training.logger import record_in_log_files, setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
@@ -139,10 +139,14 @@ def main(argv=None) -> dict:
             quiet.install(args.verbose)
             return train(args, info, signals)
     except Exception as exc:  # not Preempted: a SystemExit
-        if not is_user_error(exc):  # a user error is the same on every rank, and said once by run_cli
+        reason = f"run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if is_user_error(exc):  # the same on every rank, said once on the console by run_cli
+            if not is_distributed():  # one process: the reason belongs in out.log too
+                record_in_log_files(logging.ERROR, reason)
+        else:
             report_failure(exc)  # distributed runs: names the ranks that failed, and how
-            if not is_distributed():  # one process: the reason belongs in out.log, not only on stderr
-                log.error("run failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            if not is_distributed():
+                log.error("%s", reason)
         raise
     finally:
         signals.restore()
@@ -219,6 +223,8 @@ def train(args, info, signals: StopSignals) -> dict:
     if resume_path:
         try:
             ckpt = checkpoints.load(resume_path, ckpt, info.device)
+        except UserError:  # already one line naming the flag (training.resume_checks)
+            raise
         except (RuntimeError, ValueError, KeyError) as exc:  # a state tensor of another shape: the flags that size it changed
             raise ResumeMismatch.of(resume_path, exc, changed_params(args, previous)) from exc
         state.step = int(ckpt.get("step", 0))

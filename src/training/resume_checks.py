@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from training.user_errors import UserError
+
 SIZE_FLAGS = ("model", "estimator", "npn_num_protos")  # stored in each checkpoint, compared on load
 
 
@@ -30,7 +32,7 @@ def check_size_flags(path: str, ckpt: dict, args) -> None:
     if stored.get("estimator") == "npn" == getattr(args, "estimator", None):
         old, new = stored.get("npn_num_protos"), str(args.npn_num_protos)
         if old is not None and old != new:
-            raise ValueError(f"{path} was written with --npn_num_protos {old}, this run has --npn_num_protos {new}: "
+            raise UserError(f"{path} was written with --npn_num_protos {old}, this run has --npn_num_protos {new}: "
                              "the NPN's prototypes and their AdaGrad state cannot be resized; relaunch with "
                              f"--npn_num_protos {old}, or start a new run (another --name, or --resume-fresh)")
 
@@ -71,7 +73,7 @@ def check_position_transfer(ckpt: dict, args) -> None:
     old_world, new_readers = int(ckpt.get("world_size", args.world_size)), max(1, args.workers)
     if (int(old_readers), old_world) == (new_readers, args.world_size):
         return
-    raise ValueError(
+    raise UserError(
         f"the checkpoint stopped mid-epoch (epoch {position.get('epoch')}, batch {batch}) of a shard run read by "
         f"--workers {old_readers} x {old_world} process(es); this run has --workers {args.workers} x "
         f"{args.world_size}: shards are split over readers, so the rest of the epoch would repeat some samples "

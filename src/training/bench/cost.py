@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from training.bench.common import MethodSpec, iqr, median
-from training.loop import average_method_grads
+from training.loop import average_method_grads, encode_batch
 
 PHASES = ("forward", "before", "loss", "backward", "optimizer", "comm")
 TARGET_RATIO = 1.05
@@ -165,9 +165,9 @@ class Runner:
                 times[name] += clock() - t0 - (comm.total - c0)
 
         with phase("forward"), autocast(self.args.precision, self.device):
-            image_features, text_features, logit_scale = self.train_model(images, texts)
+            image_features, text_features, logit_scale, logit_bias = encode_batch(self.train_model, images, texts)
         feats = Features(image=image_features, text=text_features, logit_scale=logit_scale, keys=keys,
-                         step=self.step, epoch=0)
+                         step=self.step, epoch=0, logit_bias=logit_bias)
         with phase("before"):
             self.method.before_encoder_step(feats)
         with phase("loss"):
@@ -304,7 +304,7 @@ def profile_npn(runner: Runner, batch, calls: int = 3) -> str:
     from training.loop import autocast  # noqa: PLC0415
     images, texts, keys = batch
     with torch.no_grad(), autocast(runner.args.precision, runner.device):
-        image, text, scale = runner.model(images, texts)
+        image, text, scale, _ = encode_batch(runner.model, images, texts)
     period = getattr(runner.args, "npn_restart_iter", 0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
     step = runner.step + 1
