@@ -14,6 +14,7 @@ timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING, default 3: tear the process down); see
 import datetime
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,14 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 REPORT_WAIT_S = 5.0  # how long rank 0 collects the other ranks' failure reports
+# How a collective that failed because of a peer reads (gloo raises plain RuntimeErrors naming its sources)
+_PEER_FAILURE = re.compile(r"gloo|nccl|monitoredBarrier|timed out|connection (closed|reset)|broken pipe", re.I)
+
+
+def failed_in_collective(exc: BaseException) -> bool:
+    """True when `exc` is a collective or the store giving up (a peer's fault, most likely); False when
+    this rank raised by itself, which leaves its peers waiting for it in their next collective."""
+    return isinstance(exc, dist.DistError) or bool(_PEER_FAILURE.search(str(exc)))
 
 
 @dataclass
@@ -134,7 +143,10 @@ def report_failure(exc: BaseException) -> None:
     for r, message in sorted(reports.items()):
         if r != 0:
             log.error("rank %d reported: %s", r, message)
-    if silent:
+    if silent and not failed_in_collective(exc):  # rank 0 failed first: the others cannot report yet
+        log.error("rank(s) %s had not reported a failure within %.0f s: most likely waiting for rank 0 in a "
+                  "collective; rank 0's error above is the cause", ", ".join(map(str, silent)), REPORT_WAIT_S)
+    elif silent:
         log.error("rank(s) %s did not report within %.0f s: dead (killed, out of memory, node lost) or stuck "
                   "outside a collective; look at their logs first", ", ".join(map(str, silent)), REPORT_WAIT_S)
 
