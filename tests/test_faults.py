@@ -359,3 +359,27 @@ def test_rank_0_failing_first_does_not_blame_its_healthy_peer(tmp_path):
     assert re.search(r"rank 0 of 2 failed: RuntimeError: this rank got 0 of its \d+ batches", rank0), rank0[-3000:]
     assert "did not report" not in rank0 and "dead" not in rank0, rank0[-3000:]
     assert "had not reported a failure" in rank0, rank0[-3000:]
+
+
+def test_kill_during_the_epoch_end_evaluation_is_made_up_on_relaunch(tmp_path, monkeypatch):
+    """The process dies during epoch 1's zero-shot evaluation, after epoch 1's checkpoint. Bug: the
+    relaunch resumed at epoch 1, batch 0 and went on training, so epoch 1's evaluation was never run."""
+    import json
+    import training.main as main_module
+
+    real_evaluate = main_module.evaluate
+
+    def dying_evaluate(*args, **kwargs):
+        monkeypatch.setattr(main_module, "evaluate", real_evaluate)  # dies once, like a kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_module, "evaluate", dying_evaluate)
+    argv = [*flags(tmp_path, "run", "openclip", "--zeroshot-frequency", "1")]
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    results = tmp_path / "run" / "checkpoints" / "results.jsonl"
+    assert not results.exists() or not results.read_text().strip()
+    main(argv)
+    epochs = [json.loads(line)["epoch"] for line in results.read_text().splitlines()]
+    assert epochs == [1, 2], epochs
+    assert "builtin/mean_top1" in json.loads(results.read_text().splitlines()[0])  # the zero-shot line

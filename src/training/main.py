@@ -47,7 +47,7 @@ from training.data.loader import get_data
 from training.distributed import (broadcast_object, init_distributed, is_distributed, report_failure, shutdown,
                                   wrap_ddp)
 from training.eval.estimation_error import EstimationErrorMonitor
-from training.eval.evaluation import evaluate, write_info_pkl
+from training.eval.evaluation import evaluate, evaluation_missing, write_info_pkl
 from training.export import config_from_args, write_config
 from training.model_setup import apply_model_flags, create_kwargs
 from training.open_clip_flags import apply_logging_flags
@@ -249,6 +249,10 @@ def train(args, info, signals: StopSignals) -> dict:
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
     startup_checks.warn_if_complete(args, start_epoch, last_epoch)
     results = {}
+    if start_batch == 0 and broadcast_object(args.is_master and evaluation_missing(run_dir, start_epoch, args)):
+        log.info("epoch %d's evaluation is missing from results.jsonl (the previous launch stopped during it): "
+                 "evaluating before training on", start_epoch)
+        results = evaluate(model, data, start_epoch, args, tokenizer, preprocess_val, tb, run_dir) or results
     control = progress.wrap(args, control, total_steps=steps_per_epoch * last_epoch, start_step=state.step,
                             samples_per_step=numbers["global_batch"])
     for epoch in range(start_epoch, last_epoch):

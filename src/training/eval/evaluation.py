@@ -339,6 +339,28 @@ def _due(epoch: int, frequency: int, last_epoch: int) -> bool:
     return frequency > 0 and (epoch % frequency == 0 or epoch == last_epoch)
 
 
+def evaluation_missing(run_dir: str, epoch: int, args) -> bool:
+    """True when an evaluation is due after epoch `epoch` and results.jsonl has no line of it: the launch
+    that finished the epoch (and checkpointed it) was killed before its evaluation ended, and nothing else
+    would ever run it. Lines with a "step" are the estimation error's, not evaluate's."""
+    if epoch < 1 or not (_due(epoch, args.zeroshot_frequency, args.epochs) or
+                         _due(epoch, args.val_frequency, args.epochs)):
+        return False
+    try:
+        with open(os.path.join(run_dir, "checkpoints", "results.jsonl"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return True
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict) and record.get("epoch") == epoch and "step" not in record:
+            return False
+    return True
+
+
 @contextmanager
 def eval_mode(model):
     was_training = model.training
