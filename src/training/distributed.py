@@ -8,7 +8,8 @@ Faults: every collective gives up after --dist-timeout-minutes instead of waitin
 `barrier()` is a monitored barrier, which names the ranks that did not arrive; once a collective has
 failed the process group is unusable, so `report_failure` goes through the rendezvous store instead:
 each rank that catches an exception posts it there, and rank 0 lists which ranks failed and how, and
-which never reported (dead, or stuck outside a collective). On NCCL, PyTorch's watchdog enforces the
+which never reported: dead or stuck when rank 0's own error came from a collective giving up, otherwise
+most likely waiting for rank 0 in a collective (rank 0 raised first and is the cause). On NCCL, PyTorch's watchdog enforces the
 timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING, default 3: tear the process down); see docs/FAULTS.md.
 """
 import datetime
