@@ -18,8 +18,9 @@ from training.eval.evaluate import group_lines, main as evaluate_main, resolve_c
 from training.eval.evaluation import (
     EvalSettings, candidate_accuracy, caption_groups, class_embeddings, clip_loss, encode_images, encode_texts,
     evaluate, evaluate_imagefolder, imagefolder_classnames, pair_metrics, retrieval_recall, unique_by_key,
-    write_info_pkl, zero_shot_accuracy,
+    zero_shot_accuracy,
 )
+from training.eval.datacomp_info import write_info_pkl
 
 ARCH = "neuclip-tiny"
 BATCH = 64

@@ -8,7 +8,6 @@ import builtins
 import errno
 import logging
 import os
-import random
 import re
 import signal
 import subprocess
@@ -28,7 +27,8 @@ from training.data.synthetic.shards import write_shards
 from training.main import main
 from training.run_lock import LOCK_NAME, RunFolderLocked, holder_record, pid_running
 
-from test_reliability import SCRIPT, clean_env, flags, free_port, resumed_step, srun_like, wait_until
+from test_reliability import (SCRIPT, clean_env, flags, free_port, garbage_shard_argv, resumed_step, srun_like,
+                              wait_until)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest.py
 
@@ -344,14 +344,7 @@ def test_rank_0_failing_first_does_not_blame_its_healthy_peer(tmp_path):
     """Rank 0's only shard is garbage, so rank 0 raises while rank 1 waits for it in a collective. Bug:
     rank 0 logged its own error and then 'rank(s) 1 did not report ...: dead ... or stuck', sending the
     reader to a healthy rank's log."""
-    write_shards(str(tmp_path / "shards"), 16, samples_per_shard=8)
-    order = [str(tmp_path / "shards" / f"{i:05d}.tar") for i in range(2)]
-    random.Random(7 + 0).shuffle(order)  # EpochShuffledShards: seed + epoch; rank r takes order[r]
-    with open(order[0], "wb") as f:
-        f.write(b"this is not a tar file" * 100)
-    argv = [*flags(tmp_path, "run", "openclip", "--batch-size", "4"), "--dataset-type", "webdataset",
-            "--train-data", str(tmp_path / "shards" / "{00000..00001}.tar"), "--train-num-samples", "16",
-            "--dist-timeout-minutes", "1"]
+    argv = garbage_shard_argv(tmp_path, bad_rank=0)
     procs = srun_like(argv, tmp_path)
     codes = [p.wait(120) for p in procs]
     rank0 = (tmp_path / "run" / "out.log").read_text()

@@ -232,18 +232,21 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 # ------------------------------------------------------------------------------- faulty ranks
 
+def garbage_shard_argv(tmp_path, bad_rank: int) -> list[str]:
+    """Two shards of 8 samples, one per rank; the one rank `bad_rank` reads in epoch 0 is garbage."""
+    write_shards(str(tmp_path / "shards"), 16, samples_per_shard=8)
+    order = [str(tmp_path / "shards" / f"{i:05d}.tar") for i in range(2)]
+    random.Random(7 + 0).shuffle(order)  # EpochShuffledShards: seed + epoch; rank r takes order[r]
+    with open(order[bad_rank], "wb") as f:
+        f.write(b"this is not a tar file" * 100)
+    return [*flags(tmp_path, "run", "openclip", "--batch-size", "4"), "--dataset-type", "webdataset",
+            "--train-data", str(tmp_path / "shards" / "{00000..00001}.tar"), "--train-num-samples", "16",
+            "--dist-timeout-minutes", "1"]
+
 def test_rank_whose_data_runs_out_brings_the_job_down_naming_it(tmp_path):
     """Rank 1's only shard is garbage: it gets no batch, raises, and rank 0 (waiting in a collective)
     fails too instead of hanging, and its log says what happened on rank 1."""
-    write_shards(str(tmp_path / "shards"), 16, samples_per_shard=8)
-    urls = [str(tmp_path / "shards" / f"{i:05d}.tar") for i in range(2)]
-    order = list(urls)
-    random.Random(7 + 0).shuffle(order)  # EpochShuffledShards: seed + epoch; rank r takes order[r]
-    with open(order[1], "wb") as f:
-        f.write(b"this is not a tar file" * 100)
-    argv = [*flags(tmp_path, "run", "openclip", "--batch-size", "4"), "--dataset-type", "webdataset",
-            "--train-data", str(tmp_path / "shards" / "{00000..00001}.tar"), "--train-num-samples", "16",
-            "--dist-timeout-minutes", "1"]
+    argv = garbage_shard_argv(tmp_path, bad_rank=1)
     procs = srun_like(argv, tmp_path)
     codes = [p.wait(120) for p in procs]
     rank0 = (tmp_path / "rank0.log").read_text()

@@ -101,6 +101,7 @@ def export(run_dir: str, out: str, *, epoch: int | None = None, iteration: int |
     return checkpoint
 
 
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(prog="training.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -47,8 +47,9 @@ from training.data.loader import get_data
 from training.distributed import (broadcast_object, init_distributed, is_distributed, report_failure, shutdown,
                                   wrap_ddp)
 from training.eval.estimation_error import EstimationErrorMonitor
-from training.eval.evaluation import evaluate, evaluation_missing, write_info_pkl
+from training.eval.evaluation import evaluate, evaluation_missing
 from training.export import config_from_args, write_config
+from training.eval.datacomp_info import write_info_pkl
 from training.model_setup import apply_model_flags, create_kwargs
 from training.open_clip_flags import apply_logging_flags
 from training.remote_sync import RemoteSync

@@ -33,10 +33,11 @@ from tqdm import tqdm
 
 import training  # noqa: F401  (registers the project's model configs)
 
-from training.eval.evaluation import (  # noqa: F401  (write_info_pkl: exported here too, for the DataComp-facing side)
+from training.eval.evaluation import (
     EvalSettings, builtin_image_count, evaluate_builtin_retrieval, evaluate_builtin_zero_shot,
-    evaluate_imagefolder, write_info_pkl,
+    evaluate_imagefolder,
 )
+from training.eval.datacomp_info import write_info_pkl
 
 TASKS = ("builtin", "imagenet")
 DATASET_NAMES = {"builtin": "built-in synthetic shapes (mean of the classification tasks)",

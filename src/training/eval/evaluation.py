@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -411,13 +410,3 @@ def evaluate(model, data: dict, epoch: int, args, tokenizer, preprocess_val, tb=
         with open(os.path.join(run_dir, "checkpoints", "results.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     return record
-
-
-def write_info_pkl(run_dir: str, arch: str, checkpoint_path: str) -> str:
-    """`run_dir/info.pkl` as upstream DataComp's evaluate.py reads it; written atomically."""
-    path = os.path.join(run_dir, "info.pkl")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pickle.dump({"scale_config": {"model": arch}, "checkpoint": os.path.abspath(checkpoint_path)}, f)
-    os.replace(tmp, path)
-    return path
