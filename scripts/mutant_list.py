@@ -29,6 +29,7 @@ LOGIT_CLAMP = _STATE + "test_loop_clamps_logit_scale_at_its_bounds"
 TAU_CLAMP = _STATE + "test_per_sample_tau_gradient_is_clamped_at_plus_and_minus_five"
 NDIST, GDIST, ACC = "tests/test_neuclip_distributed.py", "tests/test_gcl_distributed.py", "tests/test_accumulation.py"
 RESUME = "tests/test_main.py::test_resume_continues_exactly"
+REFCMD = "tests/test_reference_command.py::test_reference_command_runs_the_temperature_gradient_its_rho_was_tuned_with"
 
 CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py", "src/contrastive/temperature.py"
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
@@ -166,6 +167,9 @@ MUTANTS = [
       "return torch.exp(log_norm - a) + a", [PAPER], "eq. 12 without −1: τ's gradient shifted by 2"),
     m("tau_grad_flag_inverted", GCL_PY, 'args.tau_grad == "reference"', 'args.tau_grad != "reference"', [GCL, PAPER],
       "--tau_grad exact runs the reference's double count"),
+    m("tau_grad_default_exact", "src/training/params.py", 'dest="tau_grad", default="reference"',
+      'dest="tau_grad", default="exact"', [REFCMD],
+      "the reference command (no --tau_grad) no longer runs the gradient its ρ were tuned with"),
     m("nonfinite_estimates_kept", GCL_PY, "return torch.where(torch.isfinite(a), a, batch_value)", "return a", [GCL],
       "one NaN estimate poisons the step"),
     m("data_term_factor_not_detached", GCL_PY, "a_img - factor_img.detach().log()", "a_img - factor_img.log()", [GCL],
@@ -212,7 +216,7 @@ QUICK = {"core_positive_not_masked", "core_tau_differentiated_twice", "ma_gamma_
          "restart_after_inner_loop", "encoder_uses_alpha_before_inner_loop", "text_npn_uses_image_temperatures",
          "restart_schedule_off_by_one", "ring_write_position_not_saved", "unified_objective_without_minus_one",
          "logit_scale_clamp_removed", "position_epoch_end_not_rolled_over", "sampler_start_ignored",
-         "augmentation_leaks_python_rng"}
+         "augmentation_leaks_python_rng", "tau_grad_default_exact"}
 for _mutant in MUTANTS:
     _mutant.quick = _mutant.name in QUICK
 assert QUICK <= {m.name for m in MUTANTS}, sorted(QUICK - {m.name for m in MUTANTS})

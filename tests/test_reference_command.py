@@ -50,3 +50,53 @@ def test_reference_command_trains_on_two_processes_and_open_clip_loads_it(tmp_pa
     model, _, _ = open_clip.create_model_and_transforms("neuclip-tiny", pretrained=str(ckpt_path))
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][key]), key
+
+
+def test_reference_command_runs_the_temperature_gradient_its_rho_was_tuned_with():
+    """Bug: the default --tau_grad stops being `reference`, or the flag stops reaching the method: the
+    reference command (which passes no --tau_grad) then follows the objective's own τ gradient, which for
+    its ρ 11 settles at a smaller τ than the paper's runs (scripts/tau_grad_study.py), and no longer
+    reproduces the paper. Independent reference: eq. 12 with the NPN's α held fixed, re-stated here,
+    F(t) = τ·(D(t) + Σ_m mean(α − 1) + 2ρ) with D = Σ_m mean exp(−α)(ε + g(t)) and τ = e^−t; the
+    reference code's gradient is dF/dt + τ·dD/dt, `--tau_grad exact`'s is dF/dt."""
+    from contrastive import Features, build_method
+    from training.params import method_name, parse_args
+
+    flags = reference_flags("unused/{00000..00003}.tar", "unused-logs")
+    n, dim = 16, 8
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(n, dim, generator=g), dim=1)
+    got = {}
+    for extra in ([], ["--tau_grad", "exact"]):
+        args = parse_args(flags + extra)
+        model = torch.nn.Module()
+        model.logit_scale = torch.nn.Parameter(torch.tensor(1 / args.temperature).log())
+        model.text_projection = torch.nn.Parameter(torch.zeros(3, dim))
+        torch.manual_seed(0)
+        method = build_method(method_name(args), args, model)
+        feats = Features(img, txt, model.logit_scale.exp(), torch.arange(n))
+        method.before_encoder_step(feats)
+        out = method(feats)
+        (grad,) = torch.autograd.grad(out.loss, model.logit_scale)
+        estimate = next(v for k, v in feats.extras.items() if hasattr(v, "a_img"))
+        got[args.tau_grad] = (grad, estimate.a_img.detach().double(), estimate.a_txt.detach().double(), args)
+    assert set(got) == {"reference", "exact"}  # the reference command's own default is "reference"
+
+    for mode, (grad, a_img, a_txt, args) in got.items():
+        t = torch.tensor(1 / args.temperature, dtype=torch.float64).log().requires_grad_()
+        sim = img.double() @ txt.double().T
+        off = ~torch.eye(n, dtype=torch.bool)
+
+        def side(s, a):
+            g_i = (((s - s.diagonal()[:, None]) * t.exp()).exp() * off).sum(1) / (n - 1)
+            return (torch.exp(-a) * (args.fastclip_eps + g_i)).mean(), (a - 1).mean()
+
+        (d_img, rest_img), (d_txt, rest_txt) = side(sim, a_img), side(sim.T, a_txt)
+        data = d_img + d_txt
+        tau = torch.exp(-t)
+        objective = tau * (data + rest_img + rest_txt + 2 * args.rho)
+        d_f, d_data = torch.autograd.grad(objective, t, retain_graph=True)[0], torch.autograd.grad(data, t)[0]
+        expected = d_f + tau.detach() * d_data if mode == "reference" else d_f
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got["reference"][0], got["exact"][0], rtol=1e-3)

@@ -66,8 +66,8 @@ def data_term(feats: Features, a_img: torch.Tensor, a_txt: torch.Tensor, scale_i
     scale_img, scale_txt: λ = 1/τ for image and text anchors: a scalar (with gradient when learnt)
     or one value per gathered anchor [N].
     differentiate_tau_twice: also differentiate λ in the negative-side part, as the reference FastCLIP
-    code does (its published ρ values are tuned to that). Off by default: that gradient is not the
-    objective's.
+    code does (its published ρ values are tuned to that; the trainer's --tau_grad reference, its
+    default). False gives the objective's own gradient (--tau_grad exact).
     log_normalizers: `batch_log_normalizers` for these scales when the caller already has them (spares
     an N×N product that only the logged values need).
 

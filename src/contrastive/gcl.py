@@ -30,12 +30,13 @@ when the method is built (absent: "log"):
 Any other value fails when the method is built.
 
 Temperature gradient (--tau_grad):
-  exact (default): the objective's gradient. λ is differentiated once, on the anchor side of the data
-      term (core.data_term's negative side detaches it).
-  reference: FastCLIP's code, which differentiates λ on the negative side too, so the data term's
-      share of a learnt global τ's gradient counts twice:
+  reference (the trainer's default): FastCLIP's code, which differentiates λ on the negative side of
+      the data term too, so the data term's share of a learnt global τ's gradient counts twice:
           ∇τ_reference = ∇τ_exact + T·∂D/∂τ = 2·∇τ_exact − ∂T/∂τ·Σ_m (mean ℓ + ρ_T).
-      Its published ρ values are tuned to this. Encoder gradients are the same; v2 is unaffected.
+      The published ρ values are tuned to this: for one ρ it settles at a larger τ than exact
+      (scripts/tau_grad_study.py). Encoder gradients are the same; v2 is unaffected.
+  exact: the objective's gradient. λ is differentiated once, on the anchor side of the data term
+      (core.data_term's negative side detaches it).
 
 Against the reference's values: its RGCL-g loss is half of ours (it averages the two modalities and
 adds ρτ), which only rescales gradients for Adam, and it takes log(u) without ε.
