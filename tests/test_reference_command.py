@@ -55,7 +55,7 @@ def test_reference_command_trains_on_two_processes_and_open_clip_loads_it(tmp_pa
 def test_reference_command_runs_the_temperature_gradient_its_rho_was_tuned_with():
     """Bug: the default --tau_grad stops being `reference`, or the flag stops reaching the method: the
     reference command (which passes no --tau_grad) then follows the objective's own τ gradient, which for
-    its ρ 11 settles at a smaller τ than the paper's runs (scripts/tau_grad_study.py), and no longer
+    its ρ 11 settles τ elsewhere than the paper's runs did (scripts/tau_grad_study.py), and no longer
     reproduces the paper. Independent reference: eq. 12 with the NPN's α held fixed, re-stated here,
     F(t) = τ·(D(t) + Σ_m mean(α − 1) + 2ρ) with D = Σ_m mean exp(−α)(ε + g(t)) and τ = e^−t; the
     reference code's gradient is dF/dt + τ·dD/dt, `--tau_grad exact`'s is dF/dt."""

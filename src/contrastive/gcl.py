@@ -33,7 +33,7 @@ Temperature gradient (--tau_grad):
   reference (the trainer's default): FastCLIP's code, which differentiates λ on the negative side of
       the data term too, so the data term's share of a learnt global τ's gradient counts twice:
           ∇τ_reference = ∇τ_exact + T·∂D/∂τ = 2·∇τ_exact − ∂T/∂τ·Σ_m (mean ℓ + ρ_T).
-      The published ρ values are tuned to this: for one ρ it settles at a larger τ than exact
+      The published ρ values are tuned to this: for one ρ, exact settles τ elsewhere
       (scripts/tau_grad_study.py). Encoder gradients are the same; v2 is unaffected.
   exact: the objective's gradient. λ is differentiated once, on the anchor side of the data term
       (core.data_term's negative side detaches it).

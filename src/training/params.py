@@ -154,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument(*_both("data_size"), dest="data_size", type=int, default=-1,
                       help="size of the sample-key space (max key + 1); sizes per-sample state")
     # The default is the gradient the published ρ were tuned with, so the paper's commands reproduce
-    # its temperature (scripts/tau_grad_study.py: with one ρ, exact settles at a smaller τ).
+    # its temperature (scripts/tau_grad_study.py: for one ρ, exact settles τ elsewhere).
     loss.add_argument(*_both("tau_grad"), dest="tau_grad", default="reference", choices=["reference", "exact"],
                       help="reference (default): FastCLIP's and the paper's code, which differentiates the "
                            "temperature in the data term twice; the published ρ are tuned to it. exact: the "
-                           "objective's own temperature gradient (settles at a smaller τ for the same ρ: "
+                           "objective's own temperature gradient (settles τ elsewhere for the same ρ: "
                            "retune ρ)")
     loss.add_argument("--estimator", default=None, choices=ESTIMATORS,
                       help="normalizer estimator of the --fastclip family (default moving_average)")
