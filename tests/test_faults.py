@@ -25,7 +25,7 @@ from training.checkpoint import NoUsableCheckpoint, atomic_save, read_checkpoint
 from training.checkpoint_integrity import NonFiniteState
 from training.data.synthetic.shards import write_shards
 from training.main import main
-from training.run_lock import LOCK_NAME, RunFolderLocked, holder_record, pid_running
+from training.startup.run_lock import LOCK_NAME, RunFolderLocked, holder_record, pid_running
 
 from test_reliability import (SCRIPT, clean_env, flags, free_port, garbage_shard_argv, resumed_step, srun_like,
                               wait_until)

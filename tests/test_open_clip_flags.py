@@ -13,7 +13,7 @@ import torch
 
 import training  # noqa: F401  (registers neuclip-tiny)
 from training.main import main
-from training.open_clip_flags import REFUSED
+from training.interop.open_clip_flags import REFUSED
 from training.params import build_parser, parse_args
 from training.scheduler import ConstantCooldown
 
@@ -127,7 +127,7 @@ def test_lock_image_and_text_freeze_the_towers(tmp_path):
 def test_lock_text_keeps_layer_norms_trainable_unless_asked():
     """Catches --lock-text crashing on native CLIP text towers without --lock-text-freeze-layer-norm
     (open_clip's own lock_text_tower asserts it) or freezing the LayerNorms that flag says stay trainable."""
-    from training.model_setup import apply_model_flags
+    from training.interop.model_setup import apply_model_flags
 
     for freeze in (False, True):
         model = open_clip.create_model("neuclip-tiny")

@@ -16,8 +16,8 @@ from training.data.synthetic.shards import write_shards
 from training.main import main
 from training.params import default_run_name, parse_args
 from training.progress import ProgressControl
-from training.threads import choose_threads, default_workers
-from training.user_errors import UserError
+from training.startup.threads import choose_threads, default_workers
+from training.startup.user_errors import UserError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--model", "neuclip-tiny", "--synthetic-num-samples", "64", "--batch-size", "16", "--epochs", "1",
@@ -198,7 +198,7 @@ def test_third_party_info_and_harmless_warnings_are_quiet_unless_verbose(tmp_pat
 
 def test_all_gather_deprecation_is_quiet_unless_verbose():
     """Bug: torch's all_gather_into_tensor FutureWarning printed at every distributed step."""
-    from training import quiet
+    from training.startup import quiet
     for verbose in (False, True):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from training.checkpoint_integrity import (CheckpointDamaged, CheckpointUnreadable, NonFiniteState, load_verified,
                                            nonfinite_entries, save_keeping_errno, verify_zip)
 from training.distributed import all_reduce_max_, barrier, broadcast_object, unwrap
-from training.resume_checks import check_position_transfer, check_size_flags, method_state_mismatch, size_flags
-from training.user_errors import UserError
+from training.startup.resume_checks import check_position_transfer, check_size_flags, method_state_mismatch, size_flags
+from training.startup.user_errors import UserError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2

@@ -50,7 +50,7 @@ def model_config(model_name: str, *, force_quick_gelu: bool = False, force_custo
 
 def config_from_args(args, model: torch.nn.Module) -> dict:
     """{"model_cfg", "preprocess_cfg"} of the model the trainer built from its flags."""
-    from training.model_setup import create_kwargs
+    from training.interop.model_setup import create_kwargs
     kwargs = create_kwargs(args)
     model_cfg = model_config(args.model, **{name: kwargs[name] for name in (
         "force_quick_gelu", "force_custom_text", "force_patch_dropout", "force_image_size", "force_context_length")})

@@ -15,7 +15,7 @@ The run folder is open_clip's: logs/NAME/{out.log, params.txt, tensorboard/, che
 the same command with the same --name resumes from the folder's newest valid checkpoint (--no-auto-resume
 refuses instead); the default --name is timestamped, so a new run never lands in an old run's folder.
 SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.preemption); faults and what each
-gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2 (training.user_errors).
+gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2 (training.startup.user_errors).
 """
 import argparse
 import logging
@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
     __package__ = "training"  # noqa: A001
 
 from training.params import parse_args  # noqa: E402  (argparse only)
-from training.user_errors import parse_quietly_off_rank_0  # noqa: E402
+from training.startup.user_errors import parse_quietly_off_rank_0  # noqa: E402
 
 if __name__ == "__main__":  # --help and flag errors answer before torch is imported (seconds, more under load)
     parse_quietly_off_rank_0(parse_args, sys.argv[1:])
@@ -50,21 +50,22 @@ from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, evaluation_missing
 from training.export import config_from_args, write_config
 from training.eval.datacomp_info import write_info_pkl
-from training.model_setup import apply_model_flags, create_kwargs
-from training.open_clip_flags import apply_logging_flags
-from training.remote_sync import RemoteSync
-from training.reporting import build_reporters
+from training.interop.model_setup import apply_model_flags, create_kwargs
+from training.interop.open_clip_flags import apply_logging_flags
+from training.interop.remote_sync import RemoteSync
+from training.interop.reporting import build_reporters
 from training.logger import record_in_log_files, setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
 from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
-from training.input_checks import check_global_batch, check_shard_keys
 from training.preemption import Preempted, StepCheckpoints, StopSignals
-from training.run_lock import die_with_launcher, lock_run_folder, release_run_folder
 from training.scheduler import LRScheduler
-from training import progress, quiet, startup_checks
-from training.threads import apply_thread_policy
-from training.user_errors import MissingResume, ResumeMismatch, RunFolderExists, UserError, is_user_error, run_cli
+from training import progress
+from training.startup import quiet, schedule_checks
+from training.startup.input_checks import check_global_batch, check_shard_keys
+from training.startup.run_lock import die_with_launcher, lock_run_folder, release_run_folder
+from training.startup.threads import apply_thread_policy
+from training.startup.user_errors import MissingResume, ResumeMismatch, RunFolderExists, UserError, is_user_error, run_cli
 
 training.register_model_configs()
 
@@ -97,7 +98,7 @@ def prepare_run_folder(args) -> tuple[str, dict]:
                 previous = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
             args.resume = args.resume or "latest"
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        lock_run_folder(run_dir)  # one writer per run folder (training.run_lock)
+        lock_run_folder(run_dir)  # one writer per run folder (training.startup.run_lock)
     args.resume = broadcast_object(args.resume)
     return run_dir, previous
 
@@ -169,7 +170,7 @@ def train(args, info, signals: StopSignals) -> dict:
         raise RunFolderExists(f"the default run name {args.name} exists already (two runs in one second): "
                               "pass --name")
     fill_data_defaults(args)
-    startup_checks.check_data_size(args)
+    schedule_checks.check_data_size(args)
     check_global_batch(args)
     check_shard_keys(args)
     run_dir, previous = prepare_run_folder(args)
@@ -202,7 +203,7 @@ def train(args, info, signals: StopSignals) -> dict:
     data_args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * args.accum_freq})
     data = get_data(data_args, preprocess_train, preprocess_val, tokenizer, epoch=0)
     steps_per_epoch = data["train"].num_batches
-    startup_checks.check_steps(args, steps_per_epoch)
+    schedule_checks.check_steps(args, steps_per_epoch)
     numbers = schedule_numbers(args, steps_per_epoch)
     log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else
              f"gcl/{args.estimator}", " ".join(f"{k}={v}" for k, v in numbers.items()))
@@ -224,7 +225,7 @@ def train(args, info, signals: StopSignals) -> dict:
     if resume_path:
         try:
             ckpt = checkpoints.load(resume_path, ckpt, info.device)
-        except UserError:  # already one line naming the flag (training.resume_checks)
+        except UserError:  # already one line naming the flag (training.startup.resume_checks)
             raise
         except (RuntimeError, ValueError, KeyError) as exc:  # a state tensor of another shape: the flags that size it changed
             raise ResumeMismatch.of(resume_path, exc, changed_params(args, previous)) from exc
@@ -248,7 +249,7 @@ def train(args, info, signals: StopSignals) -> dict:
     diagnostics = EstimationErrorMonitor.from_args(args, preprocess_val, tokenizer, info.device, tb, run_dir)
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
-    startup_checks.warn_if_complete(args, start_epoch, last_epoch)
+    schedule_checks.warn_if_complete(args, start_epoch, last_epoch)
     results = {}
     if start_batch == 0 and broadcast_object(args.is_master and evaluation_missing(run_dir, start_epoch, args)):
         log.info("epoch %d's evaluation is missing from results.jsonl (the previous launch stopped during it): "

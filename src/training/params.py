@@ -9,9 +9,9 @@ import math
 import os
 from datetime import datetime
 
-from training.threads import default_workers
+from training.startup.threads import default_workers
 
-from training.open_clip_flags import add_open_clip_flags, validate_open_clip_flags
+from training.interop.open_clip_flags import add_open_clip_flags, validate_open_clip_flags
 
 PRECISIONS = ("auto", "fp32", "bf16", "amp", "amp_bf16", "amp_bfloat16", "fp16", "pure_bf16", "pure_fp16")
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable", "individual_constant")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-frequency", type=int, default=1)
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads per rank (default: OMP_NUM_THREADS if set, else this rank's "
-                          "cores minus one per data-loader worker; training.threads)")
+                          "cores minus one per data-loader worker; training.startup.threads)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar with steps, samples/s and ETA (default: when stderr is a terminal)")
     run.add_argument("--verbose", action="store_true",

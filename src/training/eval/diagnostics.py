@@ -142,6 +142,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s | %(message)s", stream=sys.stderr)
-    from training import quiet  # open_clip's INFO lines and its "initialized randomly" (weights load next)
+    from training.startup import quiet  # open_clip's INFO lines and its "initialized randomly" (weights load next)
     quiet.install(verbose=False)
     main()

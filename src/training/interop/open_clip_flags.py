@@ -10,7 +10,7 @@ import argparse
 import ast
 import importlib.util
 
-from training.remote_sync import check_remote_sync_flags
+from training.interop.remote_sync import check_remote_sync_flags
 
 #: Refused flags: open_clip_train's spelling -> why, and what to do instead.
 REFUSED = {
@@ -98,7 +98,7 @@ def add_open_clip_flags(p: argparse.ArgumentParser) -> None:
                    help="'f1::f2::...': draw the shards of each '::' source of --train-data with weight f_i "
                         "(needs --dataset-resampled)")
     g.add_argument("--remote-sync", default=None,
-                   help="copy the run folder to REMOTE/NAME periodically and at the end (training.remote_sync)")
+                   help="copy the run folder to REMOTE/NAME periodically and at the end (training.interop.remote_sync)")
     g.add_argument("--remote-sync-frequency", type=int, default=300, help="seconds between syncs")
     g.add_argument("--remote-sync-protocol", default="s3", choices=["s3", "fsspec"],
                    help="s3: the aws CLI; fsspec: any fsspec URL or a local path")

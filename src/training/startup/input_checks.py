@@ -9,7 +9,7 @@ from webdataset.tariterators import base_plus_ext
 
 from training.data.checks import (DataConfigError, KeyRangeCheck, UnusableSample, expand_shard_urls,
                                   per_sample_state_size, shard_sample_key)
-from training.resume_checks import reads_shards
+from training.startup.resume_checks import reads_shards
 
 
 def check_global_batch(args) -> None:

@@ -7,7 +7,7 @@ and warnings known to be harmless here:
 - torch's FutureWarning that `all_gather_into_tensor` is deprecated (contrastive.comm uses it: the name
   torch's own FLOP/communication counters report, which the benchmark reads);
 - the DataLoader's "will create N worker processes ... suggested max number of worker" UserWarning: the
-  --workers default already follows the cores (training.threads); an explicit --workers is the user's call.
+  --workers default already follows the cores (training.startup.threads); an explicit --workers is the user's call.
 """
 from __future__ import annotations
 
