@@ -29,6 +29,8 @@ LOGIT_CLAMP = _STATE + "test_loop_clamps_logit_scale_at_its_bounds"
 TAU_CLAMP = _STATE + "test_per_sample_tau_gradient_is_clamped_at_plus_and_minus_five"
 NDIST, GDIST, ACC = "tests/test_neuclip_distributed.py", "tests/test_gcl_distributed.py", "tests/test_accumulation.py"
 RESUME = "tests/test_main.py::test_resume_continues_exactly"
+FLAGS = "tests/test_rank_flags.py"
+PRE_PY = "src/training/preemption.py"
 REFCMD = "tests/test_reference_command.py::test_reference_command_runs_the_temperature_gradient_its_rho_was_tuned_with"
 
 CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py", "src/contrastive/temperature.py"
@@ -190,6 +192,14 @@ MUTANTS = [
     m("accumulation_logit_scale_not_detached", FEATS,
       "logit_scale=logit_scale if carries_step_gradient else logit_scale.detach(),",
       "logit_scale=logit_scale,", [ACC], "τ differentiated in every micro-batch pass"),
+    # ------------------------------------------------------------------------- preemption flags
+    m("preemption_due_sent_again", PRE_PY, "int(due and not self._due_in_flight)", "int(due)", [FLAGS],
+      "a timed checkpoint written twice, on consecutive steps, under torchrun"),
+    m("preemption_epoch_end_left_pending", PRE_PY, "        if now:\n            read.append",
+      "        if False:\n            read.append", [FLAGS],
+      "a signal during the epoch-end evaluation stops the run only inside the next epoch"),
+    m("preemption_local_flags", PRE_PY, "code, due = self.flags.exchange([code, due], now=now)",
+      "self.flags.exchange([code, due], now=now)", [FLAGS], "ranks act on their own signal: they stop apart"),
     # ------------------------------------------------------------------------- checkpoint, position
     m("rng_every_rank_gets_rank0", CKPT, "set_rng_state(rng[rank])", "set_rng_state(rng[0])", [RNG],
       "on resume every rank continues rank 0's random streams"),

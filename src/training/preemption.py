@@ -4,10 +4,11 @@ Slurm sends SIGTERM before it kills a job (time limit, preemption, scancel) and,
 `#SBATCH --signal=USR1@120`, SIGUSR1 120 s before the time limit. Both only set a flag here. After every
 step all ranks combine their flags in one all-reduce(MAX) of two numbers (any signal; rank 0's clock
 says a --save-every-n-minutes checkpoint is due), so they agree on the step to stop at although the
-signal reaches them at different moments. Every step rather than every few: the all-reduce of 8 bytes
-adds tens of microseconds to steps of hundreds of milliseconds, and the checkpoint comes at most one step
-after the signal, which matters when the grace period is short. It is the one host read per step left
-under torchrun (it waits for the step's GPU work); a single process reads its own flags, no tensor.
+signal reaches them at different moments. Every step rather than every few: the all-reduce of 16 bytes
+adds tens of microseconds to steps of hundreds of milliseconds. Its result is read one step late
+(`RankFlags`): read at once, it would hold the host until the GPU had finished the step, so the CPU could
+not queue the next step while the GPU runs this one. A signal therefore stops the run at most two steps
+after it arrives (at the epoch end, at once); a single process reads its own flags, no tensor.
 
 On a signal: write iter_{step}.pt (mid-epoch; the data position is in it), then, for SIGUSR1 under slurm
 and unless --no-requeue, `scontrol requeue` the job (rank 0), and exit with status 75 (EX_TEMPFAIL of
@@ -22,7 +23,9 @@ import time
 
 import torch
 
-from training.distributed import all_reduce_max_, barrier, is_distributed
+import torch.distributed as dist
+
+from training.distributed import barrier, is_distributed
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75
@@ -86,6 +89,49 @@ def requeue_slurm_job() -> bool:
     return True
 
 
+class RankFlags:
+    """Integer flags combined over ranks by all-reduce(MAX), each boundary reading the previous one's.
+
+    Each `exchange` starts this boundary's all-reduce and a non-blocking copy of its result to host memory,
+    and returns the previous boundary's result, whose copy finished while this step ran: no wait for the
+    GPU. Every rank reads the same reduced values at the same boundary, so they agree on the stop step.
+    `now=True` (the epoch end, once per epoch) waits for this boundary's result too and returns the MAX of
+    both, so nothing pending is lost."""
+
+    def __init__(self, device, size: int = 2):
+        self.device, self.size = torch.device(device), size
+        self._pending = None  # (host tensor, CUDA event or None) of the previous boundary
+
+    def exchange(self, values: list[int], now: bool = False) -> list[int]:
+        flags = torch.zeros(self.size, dtype=torch.int64, device=self.device)
+        for i, v in enumerate(values):  # fill kernels; a tensor made from a list would copy and wait
+            flags[i] = v
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: the stream waits, not the host
+        current = self._to_host(flags)
+        previous, self._pending = self._pending, current
+        read = [self._read(previous)] if previous is not None else [[0] * self.size]
+        if now:
+            read.append(self._read(current))
+            self._pending = None
+        return [max(column) for column in zip(*read)]
+
+    def _to_host(self, flags: torch.Tensor):
+        if flags.device.type != "cuda":
+            return flags, None
+        host = torch.empty(self.size, dtype=torch.int64, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _read(pending) -> list[int]:
+        host, event = pending
+        if event is not None:
+            event.synchronize()  # the copy queued a step ago: long done
+        return [int(v) for v in host.tolist()]
+
+
 class StepCheckpoints:
     """Called by every rank at step boundaries: writes iter_{step}.pt when due (every N steps, every M
     minutes, or on a signal) and says when to stop. `save(position)` writes one and returns its path."""
@@ -94,6 +140,7 @@ class StepCheckpoints:
         self.every_n_steps, self.every_s = args.save_every_n_steps, args.save_every_n_minutes * 60
         self.requeue, self.is_master = not args.no_requeue, args.is_master
         self.signals, self.save, self.device = signals, save, device
+        self.flags, self._due_in_flight = RankFlags(device), False
         self.last_save = time.monotonic()
         self.stopped_at: tuple[int, str] | None = None  # (step, checkpoint) once a signal stopped the run
 
@@ -105,14 +152,17 @@ class StepCheckpoints:
         return self._boundary(step, {"epoch": epoch, "batch": batch})
 
     def at_epoch_end(self, step: int, completed_epochs: int) -> bool:
-        return self._boundary(step, {"epoch": completed_epochs, "batch": 0})
+        return self._boundary(step, {"epoch": completed_epochs, "batch": 0}, now=True)
 
-    def _boundary(self, step: int, position: dict) -> bool:
+    def _boundary(self, step: int, position: dict, now: bool = False) -> bool:
         due = self.is_master and self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
-        code, due = self.signals.code, int(due)
-        if is_distributed():  # the ranks agree on the stop step: one tiny collective (and host read) per step
-            flags = all_reduce_max_(torch.tensor([code, due], device=self.device))
-            code, due = (int(v) for v in flags.tolist())
+        code, due = self.signals.code, int(due and not self._due_in_flight)
+        if is_distributed():  # the ranks agree on the stop step: one tiny collective per step, read a step late
+            # A due flag sent now comes back next boundary; until then rank 0 must not send another, or
+            # the step after that checkpoint would write a second one.
+            self._due_in_flight = self._due_in_flight or bool(due)
+            code, due = self.flags.exchange([code, due], now=now)
+            self._due_in_flight = self._due_in_flight and not due
         path = None
         if code or due or (self.every_n_steps > 0 and step % self.every_n_steps == 0):
             path = self.save(position)
