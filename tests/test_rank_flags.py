@@ -7,6 +7,7 @@ import os
 import socket
 from argparse import Namespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -78,3 +79,29 @@ def test_ranks_read_the_flags_one_step_late_and_agree_on_checkpoints_and_stop(tm
     assert r["saved"] == [{"epoch": 0, "batch": 3}, {"epoch": 0, "batch": 6}]
     assert r["stopped_at"] == [6, "iter_6.pt"]
     assert r["epoch_end"] == [True, [{"epoch": 1, "batch": 0}], [2, "epoch.pt"]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_cuda_exchange_does_not_wait_for_queued_gpu_work():
+    """Bug caught: the flags read back at once (or copied from pageable memory), which holds the host until
+    the step's GPU work is done: here a queued ~1 s GPU sleep would make the exchange take ~1 s."""
+    import time
+
+    from training.preemption import RankFlags
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        flags = RankFlags("cuda")
+        assert flags.exchange([1, 0]) == [0, 0]  # nothing earlier to read
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued
+        start = time.perf_counter()
+        assert flags.exchange([0, 1]) == [1, 0]  # the previous boundary's reduced values
+        took = time.perf_counter() - start
+        torch.cuda.synchronize()
+        waited = time.perf_counter() - start
+        assert took < 0.2 * waited, (took, waited)
+        assert flags.exchange([0, 0], now=True) == [0, 1]
+    finally:
+        dist.destroy_process_group()

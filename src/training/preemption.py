@@ -103,9 +103,9 @@ class RankFlags:
         self._pending = None  # (host tensor, CUDA event or None) of the previous boundary
 
     def exchange(self, values: list[int], now: bool = False) -> list[int]:
-        flags = torch.zeros(self.size, dtype=torch.int64, device=self.device)
-        for i, v in enumerate(values):  # fill kernels; a tensor made from a list would copy and wait
-            flags[i] = v
+        flags = torch.tensor(values, dtype=torch.int64)
+        if self.device.type == "cuda":  # from pinned memory the copy is queued, not waited for
+            flags = flags.pin_memory().to(self.device, non_blocking=True)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: the stream waits, not the host
         current = self._to_host(flags)
         previous, self._pending = self._pending, current

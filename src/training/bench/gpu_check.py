@@ -5,7 +5,8 @@ at the paper's shapes, then one report.
 
 1. `pytest -m cuda tests/test_npn_precision.py`: the NPN's closed-form gradient vs autograd (fp32 and inside bf16
    autocast), the split-bf16 GEMMs vs fp64, the loss core on CUDA vs CPU, a 2-step NeuCLIP run with
-   --precision amp_bf16 --torchcompile, and the host-sync check under torch.cuda.set_sync_debug_mode.
+   --precision amp_bf16 --torchcompile, and the host-sync check under torch.cuda.set_sync_debug_mode; and
+   `tests/test_rank_flags.py`: the preemption flags' exchange does not wait for queued GPU work (NCCL).
 2. `python -m training.bench --parts gpu`: ViT-B/32, bf16 autocast, local batch 512, NeuCLIP m = 4096, T_u = 10,
    interleaved with OpenCLIP: samples/s, the NPN share next to the paper's Table 5 (6.03%), the NPN FLOP share
    (the limit), peak memory.
@@ -26,6 +27,7 @@ import time
 
 from training.bench.common import REPO_ROOT, SRC_DIR, git_commit, machine_info
 
+CUDA_TEST_FILES = ("tests/test_npn_precision.py", "tests/test_rank_flags.py")  # their `cuda`-marked tests
 NPN_SHARE_TARGET = 2.0  # % of the step at the paper's shapes (paper: 6.03%; FLOP limit about 1%)
 REAL = dict(model="ViT-B-32", batch=512, protos=4096, warmup=5, repeats=20, device="cuda")
 DRY = dict(model="neuclip-tiny", batch=8, protos=16, warmup=1, repeats=2, device="cpu")
@@ -69,7 +71,7 @@ def main(argv=None) -> str:
     print(f"gpu_check: {'dry run on CPU' if opts.dry_run else 'GPU'} -> {opts.out}", flush=True)
 
     tests_rc, tests_text, tests_s = run([sys.executable, "-m", "pytest", "-v", "-rs", "-m", "cuda", "-p",
-                                         "no:cacheprovider", "tests/test_npn_precision.py"],
+                                         "no:cacheprovider", *CUDA_TEST_FILES],
                                         opts.tests_timeout, os.path.join(opts.out, "cuda_tests.log"))
     print(f"[tests] rc {tests_rc} in {tests_s:.0f} s", flush=True)
 
@@ -94,7 +96,7 @@ def main(argv=None) -> str:
               f"- torch {info['torch']} (CUDA {info['cuda']}); GPU: {', '.join(info['gpus']) or 'none'}; "
               f"CPU: {info['cpu']}; load average {info['load_average']}", ""]
     outcomes = test_outcomes(tests_text)
-    lines += ["## CUDA tests", "", f"`pytest -m cuda tests/test_npn_precision.py`: exit status {tests_rc}, "
+    lines += ["## CUDA tests", "", f"`pytest -m cuda {' '.join(CUDA_TEST_FILES)}`: exit status {tests_rc}, "
               f"{tests_s:.0f} s" + (" (without CUDA they are skipped)" if opts.dry_run else ""), ""]
     lines += [f"- {outcome}: `{name}`" for outcome, name in outcomes] or ["- (no outcomes parsed; see cuda_tests.log)"]
     lines += ["", "## Throughput at the paper's shapes", "",
