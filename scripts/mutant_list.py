@@ -182,7 +182,7 @@ MUTANTS = [
       "raw_model.logit_scale.clamp_(0, float('inf'))", [LOGIT_CLAMP], "τ may fall below 0.01"),
     m("logit_scale_lower_clamp_removed", LOOP, "raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)",
       "raw_model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)", [LOGIT_CLAMP], "τ may exceed 1"),
-    m("method_grads_not_averaged", LOOP, "    comm.all_reduce_mean_(flat)\n", "    flat = flat.clone()\n", [RANKS],
+    m("method_grads_not_averaged", LOOP, "    comm.all_reduce_mean_(flat)\n", "    flat = flat.clone()\n", [RANKS, NDIST],
       "SigLIP's bias and the simultaneous NPN not averaged over ranks"),
     m("method_grads_skipped", LOOP, "if not grads or comm.world_size() == 1:", "if True:", [RANKS],
       "average_method_grads never runs"),

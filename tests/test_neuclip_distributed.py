@@ -20,7 +20,7 @@ from contrastive.core import batch_log_normalizers
 from contrastive.estimator import BatchStats
 from contrastive.features import Features
 from contrastive.neuclip import NeuCLIPEstimator
-from contrastive.npn import average_over_ranks_
+from training.loop import average_method_grads
 
 WORLD, N, DIM, STEPS, EPS = 2, 16, 8, 5, 1e-6
 
@@ -77,15 +77,17 @@ def run(name: str, rank: int, world: int) -> dict:
             "a_img": estimate.a_img[order], "a_txt": estimate.a_txt[order]}
 
 
-@torch.no_grad()
 def main_optimizer_step(est, loss, lr=0.1):
     """What the training loop does with `trainable_parameter_groups()`: backward, average the
-    gradients over ranks (they are outside DDP), step."""
+    gradients over ranks with the loop's own `average_method_grads` (they are outside DDP), step."""
     params = [p for group in est.trainable_parameter_groups() for p in group["params"]]
-    with torch.enable_grad():
-        grads = torch.autograd.grad(loss, params)
-    for p, g in zip(params, average_over_ranks_(list(grads))):
-        p.sub_(lr * g)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    average_method_grads(est)
+    with torch.no_grad():
+        for p in params:
+            p.sub_(lr * p.grad)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
