@@ -22,7 +22,6 @@ import threading
 import time
 
 import torch
-
 import torch.distributed as dist
 
 from training.distributed import barrier, is_distributed
