@@ -16,8 +16,10 @@ import training  # noqa: F401  (registers neuclip-tiny)
 from training.eval import evaluation
 from training.eval.evaluate import group_lines, main as evaluate_main, resolve_checkpoint
 from training.eval.evaluation import (
-    EvalSettings, candidate_accuracy, caption_groups, class_embeddings, clip_loss, encode_images, encode_texts,
-    evaluate, evaluate_imagefolder, imagefolder_classnames, pair_metrics, retrieval_recall, unique_by_key,
+    EvalSettings, encode_images, encode_texts, evaluate, evaluate_imagefolder, imagefolder_classnames, unique_by_key,
+)
+from training.eval.metrics import (
+    candidate_accuracy, caption_groups, class_embeddings, clip_loss, pair_metrics, retrieval_recall,
     zero_shot_accuracy,
 )
 from training.eval.datacomp_info import write_info_pkl
