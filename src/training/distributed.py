@@ -12,17 +12,22 @@ which never reported: dead or stuck when rank 0's own error came from a collecti
 most likely waiting for rank 0 in a collective (rank 0 raised first and is the cause). On NCCL, PyTorch's watchdog enforces the
 timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING, default 3: tear the process down); see docs/FAULTS.md.
 """
+import contextlib
 import datetime
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from training.elastic import agent_store, generation_store
+
 log = logging.getLogger(__name__)
+WAIT_REPORT_S = float(os.environ.get("NEUCLIP_WAIT_REPORT_S", 30))  # how often a waiting rank says so
 REPORT_WAIT_S = 5.0  # how long rank 0 collects the other ranks' failure reports
 # How a collective that failed because of a peer reads (gloo raises plain RuntimeErrors naming its sources)
 _PEER_FAILURE = re.compile(r"gloo|nccl|monitoredBarrier|timed out|connection (closed|reset)|broken pipe", re.I)
@@ -59,6 +64,30 @@ def world_info_from_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+@contextlib.contextmanager
+def saying_while_waiting(what: str, every_s: float | None = None):
+    """Log `what` and the time waited so far every `every_s` seconds until the block ends: forming the
+    process group waits for every rank, and minutes of silence there look like a hang (a rank that never
+    started, a wrong MASTER_ADDR, a stale rendezvous). Logged by each rank, since each waits for itself."""
+    every_s = WAIT_REPORT_S if every_s is None else every_s
+    done, start = threading.Event(), time.monotonic()
+
+    def report():
+        while not done.wait(every_s):
+            log.warning("%s: still waiting after %.0f s (every rank must get here; --dist-timeout-minutes "
+                        "gives up)", what, time.monotonic() - start)
+    thread = threading.Thread(target=report, name="wait-report", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    waited = time.monotonic() - start
+    if waited >= every_s:
+        log.info("%s: formed after %.0f s", what, waited)
+
+
 def init_distributed(device_arg: str | None = None, backend: str | None = None,
                      timeout_minutes: float = 30.0) -> DistInfo:
     local_rank, rank, world_size = world_info_from_env()
@@ -78,9 +107,14 @@ def init_distributed(device_arg: str | None = None, backend: str | None = None,
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), init_method="env://",
-                                rank=rank, world_size=world_size,
-                                timeout=timeout)
+        with saying_while_waiting(f"rank {rank} of {world_size}: forming the process group at "
+                                  f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"):
+            store = agent_store(timeout)  # torchrun: a key space of this start's own (training.elastic)
+            how = {"store": generation_store(store, rank, world_size, timeout)} if store else {"init_method": "env://"}
+            dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), rank=rank,
+                                    world_size=world_size, timeout=timeout, **how)
+    elif world_size == 1:
+        agent_store(timeout)  # one rank under torchrun: the store keeps the default run name across restarts
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

@@ -57,12 +57,13 @@ from training.interop.reporting import build_reporters
 from training.logger import record_in_log_files, setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
-from training.params import default_run_name, parse_args, resolve_precision, schedule_numbers
+from training.params import parse_args, resolve_precision, schedule_numbers
 from training.preemption import Preempted, StepCheckpoints, StopSignals
 from training.scheduler import LRScheduler
 from training import progress
 from training.startup import quiet, schedule_checks
 from training.startup.input_checks import check_global_batch, check_shard_keys
+from training.startup.run_name import choose_run_name
 from training.startup.run_lock import die_with_launcher, lock_run_folder, release_run_folder
 from training.startup.threads import apply_thread_policy
 from training.startup.user_errors import MissingResume, ResumeMismatch, RunFolderExists, UserError, is_user_error, run_cli
@@ -164,11 +165,7 @@ def train(args, info, signals: StopSignals) -> dict:
         args.precision = resolve_precision(args, info.device.type)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    named = bool(args.name)
-    args.name = args.name or broadcast_object(default_run_name(args))  # rank 0's clock names the folder
-    if not named and os.path.exists(os.path.join(args.logs, args.name)):
-        raise RunFolderExists(f"the default run name {args.name} exists already (two runs in one second): "
-                              "pass --name")
+    choose_run_name(args)  # a requeued slurm job or a torchrun restart finds its run folder again
     fill_data_defaults(args)
     schedule_checks.check_data_size(args)
     check_global_batch(args)

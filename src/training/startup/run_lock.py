@@ -27,6 +27,8 @@ import signal
 import socket
 import time
 
+from training.elastic import launch_identity
+
 log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 PR_SET_PDEATHSIG = 1
@@ -64,7 +66,8 @@ def holder_record(pid: int | None = None) -> dict:
     pid = os.getpid() if pid is None else pid
     return {"host": socket.gethostname(), "pid": pid, "start_ticks": process_start_ticks(pid),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            **launch_identity()}
 
 
 def holder_gone(holder: dict) -> str | None:
@@ -73,6 +76,9 @@ def holder_gone(holder: dict) -> str | None:
     if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"] \
             and holder.get("slurm_restart") != me["slurm_restart"]:
         return f"an earlier attempt ({holder.get('slurm_restart')}) of slurm job {holder['slurm_job']}"
+    if holder.get("torchrun") and holder.get("torchrun") == me.get("torchrun") and holder.get("torchrun_start") \
+            and me.get("torchrun_start") and holder["torchrun_start"] != me["torchrun_start"]:
+        return f"an earlier start of this torchrun launch ({holder['torchrun']})"
     if holder.get("host") != me["host"]:
         return None
     pid = int(holder.get("pid", -1))
