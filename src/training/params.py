@@ -286,6 +286,8 @@ def default_run_name(args, now: datetime | None = None) -> str:
     timestamp's place: a requeued job (same id) then finds its folder and resumes by itself."""
     method = args.method if args.method != "gcl" else args.estimator
     job = os.environ.get("SLURM_JOB_ID", "")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):  # as squeue shows it
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     date = f"slurm_{job}" if job else (now or datetime.now()).strftime("%Y_%m_%d-%H_%M_%S")
     return "-".join([date, method, f"model_{args.model}", f"lr_{args.lr}", f"b_{args.batch_size}",
                      f"j_{args.workers}", f"p_{args.precision}"]).replace("/", "-")

@@ -11,7 +11,7 @@ not queue the next step while the GPU runs this one. A signal therefore stops th
 after it arrives (at the epoch end, at once); a single process reads its own flags, no tensor.
 
 On a signal: write iter_{step}.pt (mid-epoch; the data position is in it), then, for SIGUSR1 under slurm
-and unless --no-requeue, `scontrol requeue` the job (rank 0), and exit with status 75 (EX_TEMPFAIL of
+and unless --no-requeue, `scontrol requeue` the job (rank 0, last), and exit with status 75 (EX_TEMPFAIL of
 sysexits.h: "temporary failure, try again") on every rank. Launching the same command again resumes.
 """
 import logging
@@ -142,6 +142,7 @@ class StepCheckpoints:
         self.flags, self._due_in_flight = RankFlags(device), False
         self.last_save = time.monotonic()
         self.stopped_at: tuple[int, str] | None = None  # (step, checkpoint) once a signal stopped the run
+        self.requeue_due = False
 
     def after_step(self, step: int, epoch: int, batch: int, epoch_batches: int) -> bool:
         """True when the run must stop now (its checkpoint is written). The epoch's last step is left to
@@ -172,8 +173,13 @@ class StepCheckpoints:
         name = "SIGUSR1" if code == SIGNAL_CODES[signal.SIGUSR1] else "SIGTERM"
         log.warning("%s received: stopping at step %d after writing %s; exiting with status %d, launch the "
                     "same command again to resume", name, step, path, EXIT_REQUEUE)
-        if name == "SIGUSR1" and self.requeue and self.is_master:
-            requeue_slurm_job()
         barrier()  # no rank exits before rank 0's file is complete
         self.stopped_at = (step, path)
+        self.requeue_due = name == "SIGUSR1" and self.requeue and self.is_master
         return True
+
+    def requeue_if_due(self) -> None:
+        """Rank 0, last thing before exiting after SIGUSR1: `scontrol requeue` ends the job's tasks (SIGTERM,
+        then SIGKILL after KillWait), so it comes after the final log lines and the remote sync."""
+        if self.requeue_due:
+            requeue_slurm_job()
