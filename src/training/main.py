@@ -275,7 +275,7 @@ def train(args, info, signals: StopSignals) -> dict:
             remote.close()  # the final sync: the preemption's checkpoint too
         shutdown()
         control.requeue_if_due()
-        raise Preempted(*control.stopped_at)
+        raise Preempted(*control.stopped_at, control.stop_signal)
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
     if remote is not None:
         remote.close()  # the final sync, after the last line of out.log

@@ -34,9 +34,9 @@ SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR1: 2}  # the MAX over ranks: SIG
 class Preempted(SystemExit):
     """Raised by main() after the preemption checkpoint: exits the process with EXIT_REQUEUE."""
 
-    def __init__(self, step: int, checkpoint: str):
+    def __init__(self, step: int, checkpoint: str, signal_name: str = "SIGTERM"):
         super().__init__(EXIT_REQUEUE)
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
 
 
 class StopSignals:
@@ -142,7 +142,7 @@ class StepCheckpoints:
         self.flags, self._due_in_flight = RankFlags(device), False
         self.last_save = time.monotonic()
         self.stopped_at: tuple[int, str] | None = None  # (step, checkpoint) once a signal stopped the run
-        self.requeue_due = False
+        self.requeue_due, self.stop_signal = False, None
 
     def after_step(self, step: int, epoch: int, batch: int, epoch_batches: int) -> bool:
         """True when the run must stop now (its checkpoint is written). The epoch's last step is left to
@@ -175,6 +175,7 @@ class StepCheckpoints:
                     "same command again to resume", name, step, path, EXIT_REQUEUE)
         barrier()  # no rank exits before rank 0's file is complete
         self.stopped_at = (step, path)
+        self.stop_signal = name
         self.requeue_due = name == "SIGUSR1" and self.requeue and self.is_master
         return True
 
