@@ -37,6 +37,7 @@ CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py",
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint.py", "src/training/data/position.py"
 FEATS = "src/contrastive/features.py"
+ELASTIC, ELASTIC_TEST = "src/training/elastic.py", "tests/test_torchrun_elastic.py::"
 
 
 def m(name, file, pattern, replacement, tests, why, **kw):
@@ -217,6 +218,17 @@ MUTANTS = [
       'seed = sample_seed("augment", self.seed, sample)', [POS], "every epoch augments a sample identically"),
     m("augmentation_leaks_python_rng", POS_PY, "                random.setstate(python_state)\n",
       "                pass\n", [POS], "the training process's Python RNG reseeded by every sample"),
+    m("elastic_generation_reused", ELASTIC, "    generation = uuid.uuid4().hex\n", '    generation = "fixed"\n',
+      [ELASTIC_TEST + "test_every_start_agrees_on_a_token_no_earlier_start_had"],
+      "every torchrun restart forms its process group under the same keys as the dead start's"),
+    m("elastic_answer_not_rewritten", ELASTIC, "                if answered.get(r) != token:",
+      "                if r not in answered:",
+      [ELASTIC_TEST + "test_a_rank_starting_after_rank_0_read_its_stale_token_still_joins"],
+      "rank 0 answers a stale token once and never the rank's fresh one: the restart waits forever"),
+    m("slurm_requeue_refused_as_a_second_run", "src/training/startup/run_name.py",
+      " and not (restarted or under_slurm):", " and not restarted:",
+      ["tests/test_slurm.py::test_usr1_before_the_time_limit_requeues_and_the_job_resumes_to_uninterrupted_losses"],
+      "a requeued slurm job (same id, no --name) refuses its own run folder"),
 ]
 
 

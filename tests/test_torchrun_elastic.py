@@ -135,6 +135,27 @@ def test_every_start_agrees_on_a_token_no_earlier_start_had():
         seen.append(tokens[0])
 
 
+def test_a_rank_starting_after_rank_0_read_its_stale_token_still_joins():
+    """Bug caught: rank 0 answering only the first token it reads under a rank's key. After a restart that
+    key holds the dead start's token until the new rank posts its own, later; that must be answered too."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    run_start(server, 2)  # the first start leaves neuclip/hello/1 behind
+    stale = server.get("neuclip/hello/1").decode()
+    server.delete_key(f"neuclip/answer/{stale}")
+    tokens = [None, None]
+
+    def rank0():
+        tokens[0] = elastic.agree_generation(dist.TCPStore("127.0.0.1", server.port, is_master=False), 0, 2,
+                                             datetime.timedelta(seconds=20), poll_s=0.01)
+    leader = threading.Thread(target=rank0)
+    leader.start()
+    wait_until_value(lambda: True if server.check([f"neuclip/answer/{stale}"]) else None, "the stale token answered")
+    tokens[1] = elastic.agree_generation(dist.TCPStore("127.0.0.1", server.port, is_master=False), 1, 2,
+                                         datetime.timedelta(seconds=20), poll_s=0.01)
+    leader.join(30)
+    assert tokens[0] == tokens[1] is not None
+
+
 def test_a_rank_that_never_joins_is_named():
     """Bug caught: rank 0 waiting forever, or failing without saying which rank is missing."""
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -144,3 +165,28 @@ def test_a_rank_that_never_joins_is_named():
     with pytest.raises(dist.DistError, match=r"rank\(s\) 2 did not join within 2 s"):
         elastic.agree_generation(server, 0, 3, datetime.timedelta(seconds=2), poll_s=0.01)
     joined.join(15)
+
+
+def test_elastic_node_ranges_are_refused_in_one_line_and_fixed_ones_pass():
+    """Bug caught: `--nnodes 1:2` starting a run that dies at the first node joining (torch's rendezvous
+    fails on its shared store) instead of saying so at start-up; a fixed --nnodes refused by mistake."""
+    worker = {"TORCHELASTIC_RUN_ID": "r"}
+    refusal = elastic.elastic_range_refusal(worker, "python -m torch.distributed.run --nnodes 1:2 -m training.main")
+    assert refusal and "--nnodes 1:2" in refusal and "\n" not in refusal
+    assert elastic.elastic_range_refusal({**worker, "PET_NNODES": "2:4"}, "") is not None
+    for cmdline in ("torchrun --nnodes 2 --nproc_per_node 1 x", "torchrun --nnodes=2:2 x", "torchrun --standalone x"):
+        assert elastic.elastic_range_refusal(worker, cmdline) is None
+    assert elastic.elastic_range_refusal({}, "torchrun --nnodes 1:2 x") is None  # not a torchrun worker
+
+
+def test_torchrun_with_an_elastic_node_range_exits_2_with_one_line(tmp_path):
+    """The real agent with --nnodes 1:2: the worker refuses before any training, exit status 2, one line."""
+    argv = flags(tmp_path, "ranged", "openclip")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-conf",
+           "last_call_timeout=1", "-m", "training.main", "--", *argv]
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if "--nnodes 1:2" in ln and "not supported" in ln]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert not (tmp_path / "ranged").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import time
 import uuid
 
@@ -106,3 +107,36 @@ def shared_default_name(candidate: str) -> tuple[str, bool]:
         return candidate, False
     kept = _store.compare_set(f"{PREFIX}/default_run_name", "", candidate).decode()
     return kept, kept != candidate
+
+
+def node_range(env=os.environ, parent_cmdline: str | None = None) -> tuple[int, int] | None:
+    """torchrun's --nnodes as (MIN, MAX) when this process is its worker, from PET_NNODES or the agent's
+    command line (the worker's environment does not say it); None elsewhere or when unknown."""
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    text = env.get("PET_NNODES")
+    if text is None:
+        if parent_cmdline is None:
+            try:
+                with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                    parent_cmdline = f.read().decode(errors="replace").replace("\0", " ")
+            except OSError:
+                return None
+        found = re.search(r"--nnodes[= ](\S+)", parent_cmdline)
+        text = found.group(1) if found else "1"
+    low, _, high = text.partition(":")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        return None
+
+
+def elastic_range_refusal(env=os.environ, parent_cmdline: str | None = None) -> str | None:
+    """Why an elastic world size (`--nnodes MIN:MAX`, MIN < MAX) cannot run here; None when it is fixed."""
+    nodes = node_range(env, parent_cmdline)
+    if nodes is None or nodes[0] == nodes[1]:
+        return None
+    return (f"torchrun --nnodes {nodes[0]}:{nodes[1]} (a world size that changes while the run goes on) is not "
+            "supported: a node joining makes torch's rendezvous fail the launch when the agent shares its store "
+            "(this torch's default), and mid-epoch the shard split cannot change; use a fixed --nnodes N with "
+            "--max-restarts, whose restarts resume from the last checkpoint")

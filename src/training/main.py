@@ -46,6 +46,7 @@ from training.checkpoint import CheckpointManager, map_position
 from training.data.loader import get_data
 from training.distributed import (broadcast_object, init_distributed, is_distributed, report_failure, shutdown,
                                   wrap_ddp)
+from training.elastic import elastic_range_refusal
 from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, evaluation_missing
 from training.export import config_from_args, write_config
@@ -134,6 +135,9 @@ def main(argv=None) -> dict:
     """Train; returns a summary. Raises Preempted (SystemExit(75)) after a signal's checkpoint."""
     args = parse_args(argv)
     die_with_launcher()  # torchrun's workers are in sessions of their own: no orphans if the agent dies
+    refusal = elastic_range_refusal()
+    if refusal:
+        raise UserError(refusal)
     info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
     signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
     threads = torch.get_num_threads()
