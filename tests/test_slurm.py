@@ -198,7 +198,10 @@ def test_preemption_requeue_and_scancel_checkpoint_and_resume(slurm, shards, tmp
         wait_for(log_has(tmp_path / "logs" / name / "out.log", r"Train Epoch: 0 \[5/"), f"{name}: step 5")
     subprocess.run(["scontrol", "requeue", preempted], check=True, timeout=30)
     subprocess.run(["scancel", cancelled], check=True, timeout=30)
+    signalled = time.monotonic()
     requeued_start_now(preempted)
+    wait_for(lambda: resumed_from(tmp_path / "logs" / "preempted" / "out.log"), "the requeued job to resume", 180)
+    print(f"scontrol requeue -> resumed training: {time.monotonic() - signalled:.0f} s (requeue start moved to now)")
     end = finished(cancelled)
     assert end["JobState"] == "CANCELLED"
     log = (tmp_path / "logs" / "cancelled" / "out.log").read_text()
@@ -206,7 +209,11 @@ def test_preemption_requeue_and_scancel_checkpoint_and_resume(slurm, shards, tmp
     assert stopped, log[-3000:]
     assert read_checkpoint(stopped.group(2))["step"] == int(stopped.group(1))
 
+    resubmitted = time.monotonic()
     relaunched = cpu_job(tmp_path, shards, "cancelled")  # submitting the same job again resumes
+    wait_for(lambda: resumed_from(tmp_path / "logs" / "cancelled" / "out.log"), "the resubmitted job to resume", 180)
+    print(f"scancel -> job ended: {resubmitted - signalled:.0f} s; resubmitted -> resumed: "
+          f"{time.monotonic() - resubmitted:.0f} s")
     for job_id, name in ((preempted, "preempted"), (relaunched, "cancelled")):
         end = finished(job_id)
         out_log = tmp_path / "logs" / name / "out.log"
@@ -237,7 +244,11 @@ def test_time_limit_checkpoints_before_the_kill_and_the_recipe_resumes(slurm, sh
     ckpt = read_checkpoint(stopped.group(2))
     assert ckpt["step"] == step
     stop_epochs = ckpt["data_position"]["epoch"] + 1  # finish the epoch it was in, then stop
+    resubmitted = time.monotonic()
     again = sbatch("-n", "2", "-o", tmp_path / "again.log", "--wrap", wrap + f" --stop-epochs {stop_epochs}")
+    wait_for(lambda: resumed_from(out_log), "the resubmitted recipe to resume", 180)
+    print(f"time limit: step checkpoint iter_{step}.pt before the kill; resubmitted -> resumed: "
+          f"{time.monotonic() - resubmitted:.0f} s")
     end = finished(again)
     assert end["JobState"] == "COMPLETED", (tmp_path / "again.log").read_text()[-3000:]
     assert resumed_from(out_log) == [(f"iter_{step}.pt", step)]
@@ -254,7 +265,10 @@ def test_array_of_two_runs_gives_two_folders_each_resumable(slurm, shards, tmp_p
     for folder in folders.values():
         wait_for(log_has(folder / "out.log", r"Train Epoch: 0 \[5/"), f"{folder.name}: step 5")
     subprocess.run(["scancel", "--signal=USR1", f"{array}_1"], check=True, timeout=30)
+    signalled = time.monotonic()
     requeued_start_now(f"{array}_1")
+    wait_for(lambda: resumed_from(folders[1] / "out.log"), "the requeued array task to resume", 180)
+    print(f"array task USR1 -> resumed training: {time.monotonic() - signalled:.0f} s")
     for t, folder in folders.items():
         end = finished(f"{array}_{t}")
         assert end["JobState"] == "COMPLETED", (tmp_path / f"array_{t}.log").read_text()[-3000:]
@@ -283,7 +297,10 @@ def test_submitit_launcher_checkpoints_requeues_through_its_hook_and_resumes(slu
     assert run_dir.name.startswith(f"slurm_{job_id}-")
     wait_for(log_has(run_dir / "out.log", r"Train Epoch: 0 \[5/"), "step 5")
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+    signalled = time.monotonic()
     requeued_start_now(job_id)
+    wait_for(lambda: resumed_from(run_dir / "out.log"), "the requeued submission to resume", 180)
+    print(f"submitit USR1 -> resumed training: {time.monotonic() - signalled:.0f} s")
     end = finished(job_id)
     job_log = (tmp_path / "jobs" / f"{job_id}_0_log.err").read_text()
     assert end["JobState"] == "COMPLETED" and end["Restarts"] == "1", job_log[-3000:]
