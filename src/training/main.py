@@ -14,7 +14,7 @@ Launch recipes (from the repository root):
 The run folder is open_clip's: logs/NAME/{out.log, params.txt, tensorboard/, checkpoints/}. Launching
 the same command with the same --name resumes from the folder's newest valid checkpoint (--no-auto-resume
 refuses instead); the default --name is timestamped, so a new run never lands in an old run's folder.
-SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.preemption); faults and what each
+SIGTERM/SIGUSR1 write a checkpoint and exit with status 75, Ctrl-C with 130 (training.preemption); faults and what each
 gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2 (training.startup.user_errors).
 """
 import argparse
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     die_with_launcher()  # torchrun's workers are in sessions of their own: no orphans if the agent dies
     info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
-    signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
+    signals = StopSignals(argv).install()  # before anything slow: a signal during start-up stops at step 1
     threads = torch.get_num_threads()
     try:
         with warnings.catch_warnings():  # quiet.install's warning filters end with the run
@@ -277,7 +277,7 @@ def train(args, info, signals: StopSignals) -> dict:
         if remote is not None:
             remote.close()  # the final sync: the preemption's checkpoint too
         shutdown()
-        raise Preempted(*control.stopped_at)
+        raise Preempted(*control.stopped_at, exit_code=control.exit_code)
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
     if remote is not None:
         remote.close()  # the final sync, after the last line of out.log

@@ -59,10 +59,11 @@ def worker_id() -> int:
 
 
 def ignore_stop_signals(worker: int) -> None:
-    """worker_init_fn: slurm signals every process of a job step, and PyTorch's workers die of a SIGTERM
-    their parent did not send, failing the step the training process must finish before it checkpoints
-    (training.preemption). Ignored here; the training process stops its workers itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """worker_init_fn: slurm signals every process of a job step (a terminal's Ctrl-C every process of its
+    foreground group), and PyTorch's workers die of a SIGTERM or SIGINT their parent did not send, failing
+    the step the training process must finish before it checkpoints (training.preemption). Ignored here;
+    the training process stops its workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
