@@ -7,6 +7,7 @@ import glob
 import os
 import shlex
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -16,7 +17,7 @@ from training.main import main
 from training.preemption import StopSignals, resume_command
 from training.startup.user_errors import run_cli
 
-from test_reliability import (SCRIPT, STEPS_PER_EPOCH, EPOCHS, assert_same_losses, baselines, clean_env,  # noqa: F401
+from test_reliability import (ROOT, SCRIPT, STEPS_PER_EPOCH, EPOCHS, assert_same_losses, baselines, clean_env,  # noqa: F401
                               flags, launch, resumed_step, wait_until)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest.py
@@ -97,3 +98,35 @@ def test_resume_command_names_the_run_and_drops_flags_that_would_not_resume(argv
     assert shlex.split(line) == ["python", "-u", "src/training/main.py", *expected]
     assert resume_command(argv, name, env={"PYTHONPATH": "my src"}).startswith("PYTHONPATH='my src' python ")
 
+
+
+def test_quickstart_after_ctrl_c_says_how_to_resume_and_running_it_again_resumes(tmp_path):
+    """The quickstart named each run by the clock: after a Ctrl-C, running it again started a new run
+    from step 0 without a word about the interrupted one (and the trainer's exit status ended the script
+    with no hint)."""
+    for name in ("src", "scripts", "requirements-training.txt"):
+        (tmp_path / name).symlink_to(os.path.join(ROOT, name))
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
+    env.update(SAMPLES="512", EPOCHS="2", INSTALL="0", WORKERS="1")
+    command = ["bash", "scripts/quickstart.sh", "--log-every-n-steps", "1"]
+    first = tmp_path / "first.log"
+    with open(first, "w") as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    out_log = tmp_path / "logs" / "quickstart-neuclip-512" / "out.log"
+    wait_until(lambda: out_log.exists() and "Train Epoch: 0 [2/8" in out_log.read_text(), [proc], what="step 2")
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches bash and the trainer
+    assert proc.wait(120) == 130, first.read_text()[-3000:]
+    text = first.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    hint = [line for line in text.splitlines() if line.startswith("Interrupted. To resume")]
+    assert hint == ["Interrupted. To resume logs/quickstart-neuclip-512 from its checkpoint: INSTALL=0 "
+                    "SAMPLES=512 EPOCHS=2 WORKERS=1 bash scripts/quickstart.sh --log-every-n-steps 1"], text[-3000:]
+    step = read_checkpoint(glob.glob(str(out_log.parent / "checkpoints" / "iter_*.pt"))[0])["step"]
+
+    again = subprocess.run(["bash", "-c", hint[0].split(": ", 1)[1]], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "logs/quickstart-neuclip-512 exists from an earlier launch: resuming it" in again.stdout
+    assert resumed_step(out_log.parent) == step
+    assert "zero-shot accuracy" in again.stdout
