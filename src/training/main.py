@@ -63,6 +63,7 @@ from training.scheduler import LRScheduler
 from training import progress
 from training.startup import quiet, schedule_checks
 from training.startup.input_checks import check_global_batch, check_shard_keys
+from training.startup.preflight import check_before_run_folder
 from training.startup.run_lock import die_with_launcher, lock_run_folder, release_run_folder
 from training.startup.threads import apply_thread_policy
 from training.startup.user_errors import MissingResume, ResumeMismatch, RunFolderExists, UserError, is_user_error, run_cli
@@ -172,6 +173,7 @@ def train(args, info, signals: StopSignals) -> dict:
     fill_data_defaults(args)
     schedule_checks.check_data_size(args)
     check_global_batch(args)
+    check_before_run_folder(args)  # model name, data paths, --logs: a refused start leaves no run folder
     check_shard_keys(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
