@@ -103,7 +103,8 @@ def test_resume_command_names_the_run_and_drops_flags_that_would_not_resume(argv
 def test_quickstart_after_ctrl_c_says_how_to_resume_and_running_it_again_resumes(tmp_path):
     """The quickstart named each run by the clock: after a Ctrl-C, running it again started a new run
     from step 0 without a word about the interrupted one (and the trainer's exit status ended the script
-    with no hint)."""
+    with no hint). Its summary then credited the resumed launch with the whole run, and the figure step
+    printed TensorBoard's "Detected out of order event.step" purge."""
     for name in ("src", "scripts", "requirements-training.txt"):
         (tmp_path / name).symlink_to(os.path.join(ROOT, name))
     env = {k: v for k, v in clean_env().items() if k != "PYTHONPATH"}
@@ -129,4 +130,6 @@ def test_quickstart_after_ctrl_c_says_how_to_resume_and_running_it_again_resumes
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "logs/quickstart-neuclip-512 exists from an earlier launch: resuming it" in again.stdout
     assert resumed_step(out_log.parent) == step
-    assert "zero-shot accuracy" in again.stdout
+    # the summary counts what this launch trained (it said "Trained 2 epoch(s)" after half an epoch)
+    assert f"Resumed at step {step} (epoch 0, batch {step}) and trained to step 16 in " in again.stdout
+    assert "zero-shot accuracy" in again.stdout and "Detected out of order" not in again.stderr
