@@ -17,8 +17,8 @@ from training.main import main
 from training.preemption import StopSignals, resume_command
 from training.startup.user_errors import run_cli
 
-from test_reliability import (ROOT, SCRIPT, STEPS_PER_EPOCH, EPOCHS, assert_same_losses, baselines, clean_env,  # noqa: F401
-                              flags, launch, resumed_step, wait_until)
+from test_reliability import (ROOT, SCRIPT, STEPS_PER_EPOCH, EPOCHS, assert_same_losses,  # noqa: F401
+                              baselines, clean_env, flags, launch, resumed_step, wait_until)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest.py
 

@@ -1,5 +1,6 @@
-"""scripts/plot_runs.py: smoothing that follows the raw values, runs with a single point, resumed runs
-that keep every point, and the zero-shot/retrieval panels. matplotlib comes from requirements-test.txt: a missing one fails here."""
+"""scripts/plot_runs.py: smoothing that follows the raw values, runs with a single point, resumed
+runs that keep every point, and the zero-shot/retrieval panels. matplotlib comes from
+requirements-test.txt: a missing one fails here."""
 import importlib.util
 import os
 import sys
