@@ -14,8 +14,9 @@ Launch recipes (from the repository root):
 The run folder is open_clip's: logs/NAME/{out.log, params.txt, tensorboard/, checkpoints/}. Launching
 the same command with the same --name resumes from the folder's newest valid checkpoint (--no-auto-resume
 refuses instead); the default --name is timestamped, so a new run never lands in an old run's folder.
-SIGTERM/SIGUSR1 write a checkpoint and exit with status 75, Ctrl-C with 130 (training.preemption); faults and what each
-gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2 (training.startup.user_errors).
+SIGTERM/SIGUSR1 write a checkpoint and exit with status 75, Ctrl-C with 130 (training.preemption); faults
+and what each gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2
+(training.startup.user_errors).
 """
 import argparse
 import logging
@@ -131,7 +132,7 @@ def fill_data_defaults(args) -> None:
 
 
 def main(argv=None) -> dict:
-    """Train; returns a summary. Raises Preempted (SystemExit(75)) after a signal's checkpoint."""
+    """Train; returns a summary. Raises Preempted (SystemExit(75), 130 for Ctrl-C) after a signal's checkpoint."""
     args = parse_args(argv)
     die_with_launcher()  # torchrun's workers are in sessions of their own: no orphans if the agent dies
     info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
