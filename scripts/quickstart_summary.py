@@ -54,7 +54,7 @@ def trained_line(result: dict, launch: dict, took: str) -> str:
     done, resumed = launch.get("done"), launch.get("resumed")
     if resumed and done is not None and resumed[2] >= done:
         return (f"Nothing left to train: an earlier launch finished the run's {epochs} epoch(s) ({done} steps); "
-                f"its results again{took}.")
+                f"its results again (this launch{took}).")
     if resumed and done is not None:
         epoch, batch, step = resumed
         return (f"Resumed at step {step} (epoch {epoch}, batch {batch}) and trained to step {done}{took}: "
