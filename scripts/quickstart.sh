@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine, CPU is enough: install, write the built-in synthetic data set as
 # webdataset shards, train NeuCLIP (the reference command's flags) on it, evaluate, draw the curves and
-# say in a few lines how it went and where everything is. About 2-3 minutes of training and evaluation
-# on 2 busy cores, plus the install the first time (README.md, "Quickstart", has the measured numbers).
+# say in a few lines how it went and where everything is. A few minutes on 2 busy cores, plus the install
+# the first time (README.md, "Two commands on a fresh machine", has the measured numbers).
 # Override anything with environment variables, e.g. EPOCHS=2 SAMPLES=3000 NAME=try bash scripts/quickstart.sh
 # (INSTALL=0 skips the pip install; WORKERS sets --workers); extra arguments go to the trainer.
 # The run folder's name is stable (logs/quickstart-neuclip-SAMPLES): after a Ctrl-C, running this script
