@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training curves of one or more run folders side by side: a 2x2 grid like NeuCLIP's Figures 1-2.
+"""Training curves of one or more run folders side by side: panels like NeuCLIP's Figures 1-2.
 
     python scripts/plot_runs.py logs/RUN_A logs/RUN_B ... --out docs/figures/NAME.png
         [--labels A B ...] [--metric builtin/mean_top1] [--smooth 0.6] [--title TEXT]
@@ -14,7 +14,11 @@ from the run's params.txt), one line per run, labelled by run folder name (or --
   Estimation error      diag/est_err/mean (training.eval.estimation_error), else checkpoints/results.jsonl's est_err/mean.
   Zero-shot accuracy    checkpoints/results.jsonl's --metric (builtin/mean_top1), written after each epoch.
                         An evaluation line has only its epoch: its x is epoch x samples per epoch, with the
-                        steps per epoch that out.log's start-up line reports.
+                        steps per epoch that out.log's start-up line reports. The axis starts at 0; for
+                        builtin/mean_top1 a dashed line marks chance (a random guess on the same tasks).
+  Retrieval R@1         results.jsonl's builtin/retrieval image->text and text->image recall@1, per epoch.
+
+A sixth panel is the caption: what each panel shows, in words.
 
 A run that lacks a quantity is left out of that panel. When a run was resumed, the last value logged for a
 step wins. Needs only matplotlib and tensorboard (no torch): pip install -r requirements-eval.txt.
@@ -22,6 +26,7 @@ step wins. Needs only matplotlib and tensorboard (no torch): pip install -r requ
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -41,6 +46,22 @@ Curve = tuple[list[float], list[float]]  # (samples seen, values), sorted by sam
 LOSS_TAGS = ("train/loss", "train/contrastive_loss")
 EST_ERR_TAG, EST_ERR_KEY = "diag/est_err/mean", "est_err/mean"
 DEFAULT_METRIC = "builtin/mean_top1"
+RETRIEVAL_KEYS = {"image→text": "builtin/retrieval/image_to_text_R@1",
+                  "text→image": "builtin/retrieval/text_to_image_R@1"}
+RETRIEVAL_MARKERS = {"image→text": "o", "text→image": "^"}
+CAPTION = """What each panel shows (x: samples seen = steps x global batch)
+
+Training loss: each method's own objective at each logged
+step; faint: raw values, solid: smoothed.
+Temperature: tau (learned, or 1 / logit scale).
+Normalizer estimation error: mean squared error of the
+log-normaliser estimate the loss uses, against its exact
+value on a fixed reference set (every --est-err-every
+steps and at each epoch end); lower is better.
+Zero-shot accuracy: mean top-1 on held-out tasks after
+each epoch; dashed: chance, a random guess.
+Retrieval R@1: held-out image->text (circles) and
+text->image (triangles) recall@1 after each epoch."""
 
 
 @dataclass
@@ -52,6 +73,7 @@ class Run:
     tau: Curve | None = None
     est_err: Curve | None = None
     accuracy: Curve | None = None
+    retrieval: dict[str, Curve] = field(default_factory=dict)  # {"image→text": curve, ...}
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,19 +112,32 @@ def steps_per_epoch(run_dir: str, params: dict[str, str], batch: int) -> int | N
 
 
 def tensorboard_scalars(run_dir: str) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the run's TensorBoard events (empty when there are none)."""
+    """{tag: {step: value}} of the run's TensorBoard events (empty when there are none). Each launch of a
+    resumed run wrote a file of its own: read one by one, oldest first, a later launch's points replace
+    an earlier one's from its first step of that tag on (the steps it trained again). Read as one
+    stream, TensorBoard's "out of order" purge dropped points that no later launch wrote again."""
     log_dir = os.path.join(run_dir, "tensorboard")
-    if not os.path.isdir(log_dir):
+    files = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
+    if not files:
         return {}
     from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415  (slowish import)
-    accumulator = event_accumulator.EventAccumulator(log_dir, size_guidance={event_accumulator.SCALARS: 0})
-    accumulator.Reload()
-    scalars = {}
-    for tag in accumulator.Tags()["scalars"]:
-        by_step = {}
-        for event in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time):
-            by_step[event.step] = event.value  # the latest write of a step wins (resumed runs)
-        scalars[tag] = by_step
+
+    def launch_order(path: str) -> tuple:
+        stamp = os.path.basename(path).split(".")[3]
+        return (int(stamp) if stamp.isdigit() else 0, path)
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(files, key=launch_order):
+        accumulator = event_accumulator.EventAccumulator(path, size_guidance={event_accumulator.SCALARS: 0},
+                                                         purge_orphaned_data=False)
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            written = {}
+            for event in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time):
+                written[event.step] = event.value  # the latest write of a step wins
+            if written:
+                first = min(written)
+                scalars[tag] = {**{k: v for k, v in scalars.get(tag, {}).items() if k < first}, **written}
     return scalars
 
 
@@ -148,18 +183,42 @@ def load_run(run_dir: str, label: str | None = None, metric: str = DEFAULT_METRI
     else:
         run.est_err = curve({line["samples_seen"]: line[EST_ERR_KEY] for line in lines
                              if EST_ERR_KEY in line and "samples_seen" in line})
-    evaluations = [line for line in lines if metric in line]
+    evaluations = [line for line in lines if metric in line or RETRIEVAL_KEYS["image→text"] in line]
     per_epoch = steps_per_epoch(run_dir, params, batch) if evaluations else None
-    points = {}
-    for line in evaluations:
-        if "samples_seen" in line:
-            points[line["samples_seen"]] = line[metric]
-        elif per_epoch and "epoch" in line:
-            points[line["epoch"] * per_epoch * batch] = line[metric]
-    if evaluations and not points:
+
+    def placed(key: str) -> dict[float, float]:
+        points = {}
+        for line in evaluations:
+            if key not in line:
+                continue
+            if "samples_seen" in line:
+                points[line["samples_seen"]] = line[key]
+            elif per_epoch and "epoch" in line:
+                points[line["epoch"] * per_epoch * batch] = line[key]
+        return points
+
+    points = placed(metric)
+    if any(metric in line for line in evaluations) and not points:
         run.notes.append(f"{metric}: no steps per epoch in out.log or params.txt, evaluations not placed")
     run.accuracy = curve(points)
+    run.retrieval = {name: found for name, key in RETRIEVAL_KEYS.items() if (found := curve(placed(key)))}
     return run
+
+
+def chance_of(metric: str) -> float | None:
+    """A random guess's score on the built-in held-out tasks (from the task definitions in src/, which
+    this script finds next to it); None for any other metric."""
+    if metric != DEFAULT_METRIC:
+        return None
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    try:
+        from training.data.synthetic.tasks import chance_top1  # noqa: PLC0415
+    except ImportError:
+        return None
+    chance = chance_top1()
+    return sum(chance.values()) / len(chance)
 
 
 # ------------------------------------------------------------------------------------------ plotting
@@ -223,14 +282,18 @@ def plot(runs: list[Run], out: str, metric: str = DEFAULT_METRIC, smooth: float 
          title: str | None = None) -> str:
     colours = plt.get_cmap("tab10").colors
     dashes = ("-", "--", "-.", ":")  # overlapping runs (same τ schedule, say) stay distinguishable
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
-    (ax_loss, ax_tau), (ax_err, ax_acc) = axes
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8), constrained_layout=True)
+    (ax_loss, ax_tau, ax_err), (ax_acc, ax_ret, ax_caption) = axes
     loss_names = sorted({run.loss_name for run in runs if run.loss})
     style(ax_loss, "Training loss", "each method's objective" if len(loss_names) > 1 else
           (loss_names[0] if loss_names else "loss"))
     style(ax_tau, "Temperature", r"$\tau$")
     style(ax_err, "Normalizer estimation error", r"MSE of $\log(\varepsilon + g)$")
     style(ax_acc, "Zero-shot accuracy", metric)
+    style(ax_ret, "Retrieval R@1", "recall@1 (held-out pairs)")
+    ax_caption.axis("off")
+    ax_caption.text(0.0, 1.0, CAPTION, transform=ax_caption.transAxes, va="top", ha="left", fontsize=9.5,
+                    color="0.25", linespacing=1.35)
 
     handles = []
     for index, run in enumerate(runs):
@@ -247,20 +310,31 @@ def plot(runs: list[Run], out: str, metric: str = DEFAULT_METRIC, smooth: float 
             ax_err.plot(*run.est_err, linewidth=1.6, marker="o", markersize=3.5, **line)
         if run.accuracy:
             ax_acc.plot(*run.accuracy, linewidth=1.8, marker="o", markersize=4.5, **line)
+        for direction, points in run.retrieval.items():
+            ax_ret.plot(*points, linewidth=1.6, marker=RETRIEVAL_MARKERS[direction], markersize=4.5, **line)
         handles.append(Line2D([], [], linewidth=2.2, label=run.label, **line))
 
     for ax, attribute, why in ((ax_loss, "loss", "no train/loss in TensorBoard"),
                                (ax_tau, "tau", "no train/tau or train/logit_scale"),
                                (ax_err, "est_err", "no estimation error (--est-err-every)"),
-                               (ax_acc, "accuracy", f"no {metric} in results.jsonl")):
+                               (ax_acc, "accuracy", f"no {metric} in results.jsonl"),
+                               (ax_ret, "retrieval", "no builtin/retrieval in results.jsonl")):
         curves = [getattr(run, attribute) for run in runs if getattr(run, attribute)]
+        if attribute == "retrieval":
+            curves = [c for run in runs for c in run.retrieval.values()]
         if not curves:
             empty(ax, why)
         elif attribute == "est_err":
             log_scale_if_wide(ax, curves)
-        elif attribute == "accuracy":
-            values = [y for _, ys in curves for y in ys]
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1 if max(values) - min(values) < 0.05 else 0))
+        elif attribute in ("accuracy", "retrieval"):  # from 0: a rise reads as what it is
+            chance = chance_of(metric) if attribute == "accuracy" else None
+            values = [y for _, ys in curves for y in ys] + ([chance] if chance is not None else [])
+            if chance is not None:
+                ax.axhline(chance, color="0.45", linestyle="--", linewidth=1.2, zorder=0)
+                ax.annotate(f"chance {chance:.1%}", (0.99, chance), xycoords=("axes fraction", "data"),
+                            xytext=(0, -11), textcoords="offset points", ha="right", fontsize=9, color="0.35")
+            ax.set_ylim(0, min(1.0, max(values) * 1.15 + 0.01))
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1 if max(values) < 0.05 else 0))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False,
                fontsize=10)
     if title:

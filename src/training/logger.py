@@ -38,8 +38,10 @@ class TensorBoard:
         self.writer = None
         if log_dir:
             from torch.utils.tensorboard import SummaryWriter
-            # A resumed run rewrites the steps after its checkpoint: purge_step drops the old points.
-            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+            # A resumed run rewrites the steps after its checkpoint's step (`purge_step`): TensorBoard drops
+            # the old points from the next step on. The checkpoint's own step was logged before the
+            # checkpoint was written and is not repeated: purging it too left a gap at every resume.
+            self.writer = SummaryWriter(log_dir, purge_step=purge_step + 1 if purge_step else None)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         if self.writer is None:

@@ -14,8 +14,9 @@ Launch recipes (from the repository root):
 The run folder is open_clip's: logs/NAME/{out.log, params.txt, tensorboard/, checkpoints/}. Launching
 the same command with the same --name resumes from the folder's newest valid checkpoint (--no-auto-resume
 refuses instead); the default --name is timestamped, so a new run never lands in an old run's folder.
-SIGTERM/SIGUSR1 write a checkpoint and exit with status 75 (training.preemption); faults and what each
-gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2 (training.startup.user_errors).
+SIGTERM/SIGUSR1 write a checkpoint and exit with status 75, Ctrl-C with 130 (training.preemption); faults
+and what each gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2
+(training.startup.user_errors).
 """
 import argparse
 import logging
@@ -65,6 +66,7 @@ from training import progress
 from training.startup import quiet, schedule_checks
 from training.startup.input_checks import check_global_batch, check_shard_keys
 from training.startup.run_name import choose_run_name
+from training.startup.preflight import check_before_run_folder
 from training.startup.run_lock import die_with_launcher, lock_run_folder, release_run_folder
 from training.startup.threads import apply_thread_policy
 from training.startup.user_errors import MissingResume, ResumeMismatch, RunFolderExists, UserError, is_user_error, run_cli
@@ -132,14 +134,14 @@ def fill_data_defaults(args) -> None:
 
 
 def main(argv=None) -> dict:
-    """Train; returns a summary. Raises Preempted (SystemExit(75)) after a signal's checkpoint."""
+    """Train; returns a summary. Raises Preempted (SystemExit(75), 130 for Ctrl-C) after a signal's checkpoint."""
     args = parse_args(argv)
     die_with_launcher()  # torchrun's workers are in sessions of their own: no orphans if the agent dies
     refusal = elastic_range_refusal()
     if refusal:
         raise UserError(refusal)
     info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
-    signals = StopSignals().install()  # before anything slow: a signal during start-up stops at step 1
+    signals = StopSignals(argv).install()  # before anything slow: a signal during start-up stops at step 1
     threads = torch.get_num_threads()
     try:
         with warnings.catch_warnings():  # quiet.install's warning filters end with the run
@@ -173,6 +175,7 @@ def train(args, info, signals: StopSignals) -> dict:
     fill_data_defaults(args)
     schedule_checks.check_data_size(args)
     check_global_batch(args)
+    check_before_run_folder(args)  # model name, data paths, --logs: a refused start leaves no run folder
     check_shard_keys(args)
     run_dir, previous = prepare_run_folder(args)
     setup_logging(os.path.join(run_dir, "out.log"), args.is_master)
@@ -279,7 +282,7 @@ def train(args, info, signals: StopSignals) -> dict:
             remote.close()  # the final sync: the preemption's checkpoint too
         shutdown()
         control.requeue_if_due()
-        raise Preempted(*control.stopped_at, control.stop_signal)
+        raise Preempted(*control.stopped_at, exit_code=control.exit_code, signal_name=control.stop_signal)
     log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
     if remote is not None:
         remote.close()  # the final sync, after the last line of out.log

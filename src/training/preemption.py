@@ -13,11 +13,17 @@ after it arrives (at the epoch end, at once); a single process reads its own fla
 On a signal: write iter_{step}.pt (mid-epoch; the data position is in it), then, for SIGUSR1 under slurm
 and unless --no-requeue, `scontrol requeue` the job (rank 0, last), and exit with status 75 (EX_TEMPFAIL of
 sysexits.h: "temporary failure, try again") on every rank. Launching the same command again resumes.
+
+Ctrl-C (SIGINT) is the same stop, asked for by a person at a terminal: the checkpoint, one line giving the
+command that resumes, and exit status 130 (128 + SIGINT, what shells report for an interrupted program).
+A second Ctrl-C raises KeyboardInterrupt at once: whoever presses twice wants out now, checkpoint or not.
 """
 import logging
 import os
+import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -25,31 +31,38 @@ import torch
 import torch.distributed as dist
 
 from training.distributed import barrier, is_distributed
+from training.startup.user_errors import EXIT_INTERRUPTED, env_rank
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75
-SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR1: 2}  # the MAX over ranks: SIGUSR1 (requeue) wins
+# The MAX over ranks decides: SIGUSR1 (requeue) over SIGTERM, and a person's Ctrl-C over both (no requeue).
+SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGINT: 3}
+SIGNAL_NAMES = {code: signal.Signals(sig).name for sig, code in SIGNAL_CODES.items()}
 
 
 class Preempted(SystemExit):
-    """Raised by main() after the preemption checkpoint: exits the process with EXIT_REQUEUE."""
+    """Raised by main() after the preemption checkpoint: exits the process with EXIT_REQUEUE (a
+    scheduler's signal) or EXIT_INTERRUPTED (Ctrl-C)."""
 
-    def __init__(self, step: int, checkpoint: str, signal_name: str = "SIGTERM"):
-        super().__init__(EXIT_REQUEUE)
+    def __init__(self, step: int, checkpoint: str, exit_code: int = EXIT_REQUEUE, signal_name: str = "SIGTERM"):
+        super().__init__(exit_code)
         self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 set a flag instead of killing the process. Slurm signals every process of the job
-    step: DataLoader workers ignore both (training.data.ignore_stop_signals), and any other forked child
-    that inherits this handler leaves the decision to the training process."""
+    """SIGTERM / SIGUSR1 / SIGINT set a flag instead of killing the process. Slurm signals every process of
+    the job step, and a terminal's Ctrl-C every process of its foreground group: DataLoader workers ignore
+    all three (training.data.ignore_stop_signals), and any other forked child that inherits this handler
+    leaves the decision to the training process. `argv`: the flags this process was launched with, for
+    the line that says how to resume."""
 
-    def __init__(self):
+    def __init__(self, argv: list[str] | None = None):
         self.code, self._pid, self._previous = 0, os.getpid(), {}
+        self.argv = list(sys.argv[1:] if argv is None else argv)
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
-            log.warning("not on the main thread: SIGTERM/SIGUSR1 will not trigger a checkpoint")
+            log.warning("not on the main thread: SIGTERM/SIGUSR1/SIGINT will not trigger a checkpoint")
             return self
         for sig in SIGNAL_CODES:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -61,8 +74,41 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() == self._pid:
-            self.code = max(self.code, SIGNAL_CODES[signum])
+        if os.getpid() != self._pid:
+            return
+        if signum == signal.SIGINT:
+            if self.code == SIGNAL_CODES[signal.SIGINT]:  # the second Ctrl-C
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            if env_rank() == 0:  # at once: the step and its checkpoint may take a while
+                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at "
+                            b"once, without one)\n")
+        self.code = max(self.code, SIGNAL_CODES[signum])
+
+
+def resume_command(argv: list[str], name: str, env=os.environ) -> str:
+    """The shell command that resumes this run: the launch's own command with its run name, and without
+    the flags that would start over or refuse (--resume PATH, --resume-fresh, --no-auto-resume); the
+    run folder then resumes from its newest checkpoint by itself."""
+    flags, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--name", "--resume"):
+            skip = True
+            continue
+        if arg.startswith(("--name=", "--resume=")) or arg in ("--resume-fresh", "--no-auto-resume"):
+            continue
+        flags.append(arg)
+    flags += ["--name", name]
+    launched = list(getattr(sys, "orig_argv", []))
+    if argv == sys.argv[1:] and len(launched) > len(argv):  # this process's own command line
+        interpreter = launched[:len(launched) - len(argv)]  # as typed: `python -u src/training/main.py`
+    else:  # main() called from Python with its own flags
+        interpreter = ["python", "-u", "src/training/main.py"]
+    prefix = f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} " if env.get("PYTHONPATH") else ""
+    return prefix + shlex.join(interpreter + flags)
 
 
 def slurm_job_id(env=os.environ) -> str | None:
@@ -143,6 +189,8 @@ class StepCheckpoints:
         self.last_save = time.monotonic()
         self.stopped_at: tuple[int, str] | None = None  # (step, checkpoint) once a signal stopped the run
         self.requeue_due, self.stop_signal = False, None
+        self.exit_code = EXIT_REQUEUE
+        self.name = getattr(args, "name", None)
 
     def after_step(self, step: int, epoch: int, batch: int, epoch_batches: int) -> bool:
         """True when the run must stop now (its checkpoint is written). The epoch's last step is left to
@@ -170,9 +218,15 @@ class StepCheckpoints:
             log.info("checkpoint %s (epoch %d, batch %d)", path, position["epoch"], position["batch"])
         if not code:
             return False
-        name = "SIGUSR1" if code == SIGNAL_CODES[signal.SIGUSR1] else "SIGTERM"
-        log.warning("%s received: stopping at step %d after writing %s; exiting with status %d, launch the "
-                    "same command again to resume", name, step, path, EXIT_REQUEUE)
+        name = SIGNAL_NAMES[code]
+        if name == "SIGINT":
+            self.exit_code = EXIT_INTERRUPTED
+            relaunch = "launch the same command again" if is_distributed() or not self.name else \
+                resume_command(self.signals.argv, self.name)
+            log.warning("Ctrl-C: stopped at step %d after writing %s; to resume: %s", step, path, relaunch)
+        else:
+            log.warning("%s received: stopping at step %d after writing %s; exiting with status %d, launch the "
+                        "same command again to resume", name, step, path, EXIT_REQUEUE)
         barrier()  # no rank exits before rank 0's file is complete
         self.stopped_at = (step, path)
         self.stop_signal = name

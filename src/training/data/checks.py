@@ -10,6 +10,7 @@ Two kinds of problems, two policies:
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -133,9 +134,46 @@ def check_images_reachable(paths: list[str], csv_path: str, probe: int = 8) -> N
     """One unreadable row is a damaged sample; the first rows all missing is a path problem."""
     sample = [p for p in paths[:probe] if p]
     if sample and not any(os.path.isfile(p) for p in sample):
-        raise FileNotFoundError(f"{csv_path}: none of the first {len(sample)} image paths exist "
+        raise MissingData(f"{csv_path}: none of the first {len(sample)} image paths exist "
                                 f"(e.g. {sample[0]!r}); paths are read relative to the current directory "
                                 f"({os.getcwd()}), so run from there or write absolute paths")
+
+
+def open_csv(path: str, flag: str):
+    """The CSV opened for reading; a missing, unreadable or non-file path is the user's mistake."""
+    if not os.path.exists(path):
+        raise MissingData(f"{flag} {path}: no such file (paths are relative to {os.getcwd()})")
+    if not os.path.isfile(path):
+        raise DataConfigError(f"{flag} {path}: not a file; give a CSV/TSV file with one row per image")
+    try:
+        return open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise DataConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
+
+
+def check_csv(path: str, img_key: str, caption_key: str, separator: str, flag: str, probe: int = 8) -> int:
+    """Start-up check of a CSV/TSV data file without loading it: the header names both columns and the
+    first rows' images exist. Returns the number of rows, counted as lines (a caption with a line break
+    inside quotes counts twice: never fewer than the rows)."""
+    with open_csv(path, flag) as f:
+        try:
+            rows = csv.reader(f, delimiter=separator)
+            header = next(rows, None)
+            if header is None:
+                raise DataConfigError(f"{flag} {path}: the file is empty; it needs a header row naming "
+                                      f"--csv-img-key {img_key!r} and --csv-caption-key {caption_key!r}")
+            columns = column_indices(header, {"--csv-img-key": img_key, "--csv-caption-key": caption_key},
+                                     f"{flag} {path}")
+            first = [row[columns["--csv-img-key"]] for _, row in zip(range(probe), rows)
+                     if len(row) > columns["--csv-img-key"]]
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataConfigError(f"{flag} {path}: not a UTF-8 CSV/TSV file ({exc})") from exc
+    check_images_reachable(first, f"{flag} {path}")
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    return lines + (last != b"\n") - 1  # minus the header
 
 
 # ---------------------------------------------------------------------------------- sample keys

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from training.data.checks import (DataConfigError, KeyRangeCheck, SkipLog, SkipUnreadable, UnusableSample,
                                   check_enough_shards, check_images_reachable, check_shards_exist, column_indices,
-                                  expand_shard_urls, per_sample_state_size, require_train_num_samples,
+                                  expand_shard_urls, open_csv, per_sample_state_size, require_train_num_samples,
                                   shard_sample_key, tarfile_to_samples)
 from training.data.info import DataInfo, SharedEpoch, SkipCountingLoader
 from training.data.position import PerSampleRandomness, ResumableSampler, SeededItems, stream_seed
@@ -59,10 +59,11 @@ def worker_id() -> int:
 
 
 def ignore_stop_signals(worker: int) -> None:
-    """worker_init_fn: slurm signals every process of a job step, and PyTorch's workers die of a SIGTERM
-    their parent did not send, failing the step the training process must finish before it checkpoints
-    (training.preemption). Ignored here; the training process stops its workers itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """worker_init_fn: slurm signals every process of a job step (a terminal's Ctrl-C every process of its
+    foreground group), and PyTorch's workers die of a SIGTERM or SIGINT their parent did not send, failing
+    the step the training process must finish before it checkpoints (training.preemption). Ignored here;
+    the training process stops its workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -285,9 +286,10 @@ def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) 
 class CsvCaptions(Dataset):
     """Rows of a CSV/TSV file (image path + caption column); a row's key is its 0-based row number."""
 
-    def __init__(self, path: str, img_key: str, caption_key: str, separator: str, transform, tokenizer):
+    def __init__(self, path: str, img_key: str, caption_key: str, separator: str, transform, tokenizer,
+                 flag: str = "--train-data"):
         self.path, self.transform, self.tokenizer = path, transform, tokenizer
-        with open(path, newline="", encoding="utf-8") as f:
+        with open_csv(path, flag) as f:
             rows = csv.reader(f, delimiter=separator)
             header = next(rows, [])
             columns = column_indices(header, {"--csv-img-key": img_key, "--csv-caption-key": caption_key}, path)
@@ -337,7 +339,8 @@ def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedE
 def get_csv_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
     """The file's rows make the epoch (--train-num-samples is for shards, whose size is unknown)."""
     path = args.train_data if is_train else args.val_data
-    rows = CsvCaptions(path, args.csv_img_key, args.csv_caption_key, args.csv_separator, transform, tokenizer)
+    rows = CsvCaptions(path, args.csv_img_key, args.csv_caption_key, args.csv_separator, transform, tokenizer,
+                       "--train-data" if is_train else "--val-data")
     if len(rows):
         check_key(len(rows) - 1, f"the last row of {path}")  # before any worker starts
     return map_style_data(SkipUnreadable(rows, check_key, "train" if is_train else "val"), args, is_train,

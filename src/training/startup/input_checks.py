@@ -10,6 +10,7 @@ from webdataset.tariterators import base_plus_ext
 from training.data.checks import (DataConfigError, KeyRangeCheck, UnusableSample, expand_shard_urls,
                                   per_sample_state_size, shard_sample_key)
 from training.startup.resume_checks import reads_shards
+from training.startup.user_errors import UserError
 
 
 def check_global_batch(args) -> None:
@@ -17,7 +18,7 @@ def check_global_batch(args) -> None:
     is no negative (OpenCLIP's loss is 0, FastCLIP/NeuCLIP take log(B - 1) = log 0)."""
     global_batch = args.batch_size * args.world_size
     if global_batch < 2:
-        raise ValueError(f"--batch-size {args.batch_size} on {args.world_size} process(es) is a global batch of "
+        raise UserError(f"--batch-size {args.batch_size} on {args.world_size} process(es) is a global batch of "
                          f"{global_batch}: contrastive losses need at least one negative pair; use --batch-size 2 "
                          "or more")
 

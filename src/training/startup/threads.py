@@ -5,6 +5,9 @@ other ranks share those cores: on 2 shared cores with 1 worker, 2 torch threads 
 about 6.5x slower than 1 thread (same losses), since OpenMP threads spin waiting for a core. The policy:
 split the cores this process may run on (its affinity mask, which slurm and containers set) between the
 ranks on this node, give each rank's data-loader workers one core each, and torch the rest (at least 1).
+--workers 0 counts as one worker: the training process then decodes and augments the images itself,
+and on 2 busy cores (load 6) a 16-step run with --workers 0 took 55-76 s with 2 torch threads against
+29-30 s with 1 (tests/test_startup.py names the command).
 Pure standard library: params.py uses `default_workers()` for the --workers default before torch loads.
 """
 from __future__ import annotations
@@ -55,13 +58,14 @@ class ThreadChoice:
 def choose_threads(*, cores: int, ranks_on_node: int, workers: int, requested: int | None = None,
                    omp_num_threads: str | None = None) -> ThreadChoice:
     """--threads wins, then OMP_NUM_THREADS (the user's or the launcher's explicit choice), else the
-    cores of this rank minus one per data-loader worker (workers mostly decode and augment images)."""
+    cores of this rank minus one per data-loader worker (workers mostly decode and augment images), and
+    minus one without workers (the training process does that work itself)."""
     if requested is not None and requested > 0:
         return ThreadChoice(requested, "--threads")
     if omp_num_threads and omp_num_threads.strip().isdigit() and int(omp_num_threads) > 0:
         return ThreadChoice(int(omp_num_threads), "OMP_NUM_THREADS")
     per_rank = cores_per_rank(cores, ranks_on_node)
-    threads = max(1, per_rank - workers)
+    threads = max(1, per_rank - max(1, workers))
     ranks = f", {ranks_on_node} ranks on this node" if ranks_on_node > 1 else ""
     return ThreadChoice(threads, f"{cores} cores available{ranks}, {workers} data-loader worker"
                                  f"{'s' if workers != 1 else ''}")

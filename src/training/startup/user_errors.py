@@ -15,6 +15,7 @@ import re
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
 
 
 class UserError(ValueError):
@@ -103,9 +104,16 @@ def parse_quietly_off_rank_0(parse, argv):
 
 
 def run_cli(main, argv) -> None:
-    """Run `main(argv)`; a user error prints `error: MESSAGE` once (rank 0) and exits with status 2."""
+    """Run `main(argv)`; a user error prints `error: MESSAGE` once (rank 0) and exits with status 2. A
+    KeyboardInterrupt (the second Ctrl-C, training.preemption) is one line too, exit status 130: the
+    person who pressed it knows where they were, and a traceback would hide the line above it."""
     try:
         main(argv)
+    except KeyboardInterrupt:
+        if env_rank() == 0:
+            print("\nstopped at once by a second Ctrl-C, without a checkpoint: the same command resumes from "
+                  "the run's newest checkpoint", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001  (re-raised unless it is the user's mistake)
         if not is_user_error(exc):
             raise
