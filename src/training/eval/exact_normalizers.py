@@ -46,10 +46,12 @@ def _anchor_log_normalizers(rows: torch.Tensor, columns: torch.Tensor, anchors: 
     a = rows[anchors]
     positive = (a * columns[anchors]).sum(-1)
     lam = scale if scale.dim() == 0 else scale[:, None]
+    scaled, offset = a * lam, -(positive[:, None] * lam)  # (a·c − a·c_i)·λ = (λa)·c − λ(a·c_i): one GEMM per tile
     running = torch.full((a.shape[0],), -math.inf, dtype=a.dtype, device=a.device)
     for c0 in range(0, n, block):
-        cols = torch.arange(c0, min(c0 + block, n), device=a.device)
-        logits = (a @ columns[c0:c0 + block].T - positive[:, None]) * lam
-        logits = logits.masked_fill(cols[None, :] == anchors[:, None], -math.inf)  # the anchor's own pair
+        c1 = min(c0 + block, n)
+        logits = torch.addmm(offset, scaled, columns[c0:c1].T)
+        own = ((anchors >= c0) & (anchors < c1)).nonzero().squeeze(1)  # anchors whose own pair is in this tile
+        logits[own, anchors[own] - c0] = -math.inf
         running = torch.logaddexp(running, logits.logsumexp(dim=1))
     return core._log_eps_plus_exp(running - math.log(n - 1), eps)
