@@ -175,3 +175,16 @@ def test_regime_run_measures_every_checkpoint_and_fixed_tau_stays_fixed():
     res = run_one("fastclip", ARMS["fixed"], cfg, data, seed=0, steps=12)
     assert all(math.isclose(c["tau"], cfg.tau, rel_tol=1e-6) for c in res["checkpoints"])
     assert res["epochs"] == pytest.approx(12 / 10)
+
+
+def test_regime_flags_are_checked_before_anything_runs(tmp_path):
+    """Catches a misspelt arm or method reaching the grid (a KeyError after minutes of training) instead of a
+    one-line usage error at start-up, and the part's sizes not being filled in from the size presets."""
+    from training.bench import cli  # noqa: PLC0415
+    with pytest.raises(SystemExit):
+        cli.parse_opts(["--out", str(tmp_path), "--parts", "regime", "--regime-arms", "tau,drfit"])
+    with pytest.raises(SystemExit):
+        cli.parse_opts(["--out", str(tmp_path), "--parts", "regime", "--regime-methods", "siglip"])
+    opts = cli.parse_opts(["--out", str(tmp_path), "--parts", "regime"])
+    assert (opts.regime_batch, opts.regime_ratios, opts.regime_steps, opts.regime_seeds) == (256, [100, 1000, 3000],
+                                                                                             6000, [0, 1, 2])
