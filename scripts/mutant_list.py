@@ -37,6 +37,8 @@ CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py",
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint.py", "src/training/data/position.py"
 FEATS = "src/contrastive/features.py"
+EXACT = "src/training/eval/exact_normalizers.py"
+REGIME = "tests/test_regime.py::test_anchor_log_normalizers_match_float64_brute_force"
 
 
 def m(name, file, pattern, replacement, tests, why, **kw):
@@ -217,6 +219,15 @@ MUTANTS = [
       'seed = sample_seed("augment", self.seed, sample)', [POS], "every epoch augments a sample identically"),
     m("augmentation_leaks_python_rng", POS_PY, "                random.setstate(python_state)\n",
       "                pass\n", [POS], "the training process's Python RNG reseeded by every sample"),
+    # ------------------------------------------------------------------ exact normalizer of a subset of anchors
+    m("subset_positive_not_masked", EXACT, "logits[own, anchors[own] - c0] = -math.inf",
+      "logits[own, anchors[own] - c0] = logits[own, anchors[own] - c0]", [REGIME],
+      "the anchor's own pair counted among its negatives"),
+    m("subset_divides_by_n", EXACT, "running - math.log(n - 1)", "running - math.log(n)", [REGIME],
+      "1/n instead of 1/(n−1) in the exact subset normalizer"),
+    m("subset_text_side_against_texts", EXACT,
+      "_anchor_log_normalizers(text, image, anchors,", "_anchor_log_normalizers(text, text, anchors,", [REGIME],
+      "text anchors scored against the texts instead of the images"),
 ]
 
 
