@@ -38,6 +38,8 @@ NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "s
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint.py", "src/training/data/position.py"
 FEATS = "src/contrastive/features.py"
 ELASTIC, ELASTIC_TEST = "src/training/elastic.py", "tests/test_torchrun_elastic.py::"
+EXACT = "src/training/eval/exact_normalizers.py"
+REGIME = "tests/test_regime.py::test_anchor_log_normalizers_match_float64_brute_force"
 
 
 def m(name, file, pattern, replacement, tests, why, **kw):
@@ -229,6 +231,15 @@ MUTANTS = [
       " and not (restarted or under_slurm):", " and not restarted:",
       ["tests/test_slurm.py::test_usr1_before_the_time_limit_requeues_and_the_job_resumes_to_uninterrupted_losses"],
       "a requeued slurm job (same id, no --name) refuses its own run folder"),
+    # ------------------------------------------------------------------ exact normalizer of a subset of anchors
+    m("subset_positive_not_masked", EXACT, "logits[own, anchors[own] - c0] = -math.inf",
+      "logits[own, anchors[own] - c0] = logits[own, anchors[own] - c0]", [REGIME],
+      "the anchor's own pair counted among its negatives"),
+    m("subset_divides_by_n", EXACT, "running - math.log(n - 1)", "running - math.log(n)", [REGIME],
+      "1/n instead of 1/(n−1) in the exact subset normalizer"),
+    m("subset_text_side_against_texts", EXACT,
+      "_anchor_log_normalizers(text, image, anchors,", "_anchor_log_normalizers(text, text, anchors,", [REGIME],
+      "text anchors scored against the texts instead of the images"),
 ]
 
 

@@ -1,8 +1,11 @@
-"""open_clip's own mini-batch losses as methods: OpenCLIP (InfoNCE) and SigLIP."""
+"""open_clip's own mini-batch losses as methods: OpenCLIP (InfoNCE) and SigLIP.
+
+open_clip is imported when one of these methods is built, not when `contrastive` is imported: the
+package (the estimators, NeuCLIP's NPN, the exact normalizers) is usable without open_clip's import
+(~1 GB of modules and seconds of start-up)."""
 import math
 
 import torch
-from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
 from . import comm
@@ -13,6 +16,7 @@ from .features import Features, fp32
 class OpenClipMethod(ContrastiveMethod):
     def __init__(self, local_loss: bool, gather_with_grad: bool):
         super().__init__()
+        from open_clip.loss import ClipLoss  # noqa: PLC0415  (lazy: see the module docstring)
         self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad,
                                 cache_labels=True, rank=comm.rank(), world_size=comm.world_size())
 
@@ -32,6 +36,7 @@ class SigLipMethod(ContrastiveMethod):
     def __init__(self, init_bias: float = -10.0, own_bias: bool = True, dist_impl: str | None = None):
         super().__init__()
         self.logit_bias = nn.Parameter(torch.tensor(init_bias)) if own_bias else None
+        from open_clip.loss import SigLipLoss  # noqa: PLC0415  (lazy: see the module docstring)
         self.loss_fn = SigLipLoss(rank=comm.rank(), world_size=comm.world_size(), dist_impl=dist_impl)
 
     def forward(self, feats: Features) -> LossOutput:

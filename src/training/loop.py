@@ -135,36 +135,20 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
     global_batch = args.batch_size * args.world_size * args.accum_freq
     raw_model = unwrap(model)
     state.max_nonfinite = args.max_nonfinite_steps
-    on_device = steps_on_device(optimizer)
     end = time.perf_counter()
     for i, (images, texts, keys) in enumerate(batches, start=data.start_batch):
         if i >= steps_this_epoch:
             break
-        tau = None
-        if scheduler.needs_tau:  # a device tensor when the optimizer takes a tensor lr: no host read
-            tau = raw_model.logit_scale.detach().neg().exp()
-            tau = tau if on_device else tau.item()
-        lrs = scheduler.step(state.step, tau)
         images = images.to(device, dtype=input_dtype(args.precision), non_blocking=True)
         texts = texts.to(device, non_blocking=True)
         keys = keys.to(device, non_blocking=True)
         data_time.add(time.perf_counter() - end)
-
-        optimizer.zero_grad(set_to_none=True)
-        feats, out = _compute_gradients(model, method, images, texts, keys, args, device, scaler,
-                                        step=state.step, epoch=epoch)
-        stepped = _step_optimizer(model, method, optimizer, scaler, args, state)
-        if isinstance(stepped, torch.Tensor):  # skipped or not, decided on the device
-            feats.extras[STEP_SKIPPED] = stepped.logical_not()
-            method.after_encoder_step(feats)
-        elif stepped:
-            method.after_encoder_step(feats)
-        with torch.no_grad():
-            raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        _, out, lrs = train_step(model=model, method=method, optimizer=optimizer, scaler=scaler,
+                                 scheduler=scheduler, state=state, images=images, texts=texts, keys=keys,
+                                 epoch=epoch, args=args, device=device)
 
         batch_time.add(time.perf_counter() - end)
         end = time.perf_counter()
-        state.step += 1
         last = i + 1 == steps_this_epoch
         if state.step % args.log_every_n_steps == 0 or last:
             _check_nonfinite_limit(state, args)
@@ -179,6 +163,36 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
         if control is not None and control.after_step(state.step, epoch, i + 1, steps_this_epoch):
             return True
     return False
+
+
+def train_step(*, model, method, optimizer, scheduler, state: TrainState, images, texts, keys, epoch: int,
+               args, device, scaler=None):
+    """One optimizer step, as `train_one_epoch` takes it (the loop calls this): the lrs of step
+    `state.step`, forward and backward (micro-batched under --accum-freq), clipping and the optimizer
+    step (skipped on a non-finite gradient), the method's after-step update, τ clamped to ≤ 100, and
+    `state.step` advanced. `images`, `texts`, `keys` are one global step's batch, already on `device`.
+    Needs no data loader, logger or checkpoint objects: `args` supplies --precision, --accum-freq,
+    --grad-clip-norm and --max-nonfinite-steps. Returns (the step's Features, the LossOutput, the lrs set)."""
+    raw_model = unwrap(model)
+    state.max_nonfinite = args.max_nonfinite_steps
+    tau = None
+    if scheduler.needs_tau:  # a device tensor when the optimizer takes a tensor lr: no host read
+        tau = raw_model.logit_scale.detach().neg().exp()
+        tau = tau if steps_on_device(optimizer) else tau.item()
+    lrs = scheduler.step(state.step, tau)
+    optimizer.zero_grad(set_to_none=True)
+    feats, out = _compute_gradients(model, method, images, texts, keys, args, device, scaler,
+                                    step=state.step, epoch=epoch)
+    stepped = _step_optimizer(model, method, optimizer, scaler, args, state)
+    if isinstance(stepped, torch.Tensor):  # skipped or not, decided on the device
+        feats.extras[STEP_SKIPPED] = stepped.logical_not()
+        method.after_encoder_step(feats)
+    elif stepped:
+        method.after_encoder_step(feats)
+    with torch.no_grad():
+        raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    state.step += 1
+    return feats, out, lrs
 
 
 def _compute_gradients(model, method, images, texts, keys, args, device, scaler, *, step: int, epoch: int):

@@ -13,6 +13,9 @@ run folders of the trainings (logs and results; checkpoints are deleted once rea
   quality  (3) zero-shot / retrieval at a fixed budget over seeds, Table 1 in miniature (training.bench.train)
   gpu      (4) ViT-B/32 bf16 samples/s and NPN share vs the paper's Table 5; skipped without CUDA
            (training.bench.gpu)
+  regime   estimation error vs n/B up to the paper's ~3 000 by feature-level simulation (the real method
+           objects on synthetic backbone features; arms tau/fixed/drift; calibration against docs/results/
+           cpu-error-n2048); only when asked for (training.bench.regime)
 
 `--quick` shrinks every size to a smoke test (minutes): its numbers are not results. Under torchrun only the
 cost part runs (every rank steps, rank 0 reports; comm = time inside the collectives). `--reuse` keeps the
@@ -32,8 +35,8 @@ import torch
 
 from training.bench.common import (METHOD_ORDER, command_line, git_commit, machine_info, parse_method_list)
 
-PARTS = ("cost", "error", "quality", "gpu", "peer")
-DEFAULT_PARTS = ("cost", "error", "quality", "gpu")  # peer runs only when asked for (it needs open_clip_train)
+PARTS = ("cost", "error", "quality", "gpu", "peer", "regime")
+DEFAULT_PARTS = ("cost", "error", "quality", "gpu")  # peer (needs open_clip_train) and regime: when asked for
 PART_TITLES = {"cost": "1. Cost per step", "error": "2. Estimation error vs batch size and data size",
                "quality": "3. Quality at a fixed budget", "gpu": "4. GPU mode"}  # of the default parts
 
@@ -42,11 +45,14 @@ FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4,
             error_batches="64,128", error_n=512, error_samples=20480, error_checkpoints=5, error_reference=4096,
             quality_batch=64, quality_n=5120, quality_samples=15360, seeds="0,1,2", npn_protos=512,
             gpu_batch=512, gpu_warmup=5, gpu_repeats=30, peer_batch=128, peer_steps=30, peer_warmup=3,
-            peer_rounds=5)
+            peer_rounds=5, regime_batch=256, regime_ratios="100,1000,3000", regime_steps=6000, regime_checkpoints=3,
+            regime_anchors=1024, regime_seeds="0,1,2")
 QUICK = dict(cost_batch=32, cost_warmup=1, cost_repeats=5, cost_data_batches=2, cost_memory_steps=2,
              error_batches="16,32", error_n=64, error_samples=1280, error_checkpoints=5, error_reference=512,
              quality_batch=32, quality_n=320, quality_samples=640, seeds="0", npn_protos=32,
-             gpu_batch=512, gpu_warmup=2, gpu_repeats=5, peer_batch=8, peer_steps=4, peer_warmup=1, peer_rounds=1)
+             gpu_batch=512, gpu_warmup=2, gpu_repeats=5, peer_batch=8, peer_steps=4, peer_warmup=1, peer_rounds=1,
+             regime_batch=16, regime_ratios="10,30", regime_steps=60, regime_checkpoints=2, regime_anchors=128,
+             regime_seeds="0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-device", default="cuda", choices=("cuda", "cpu"),
                    help="part 4's device; cpu is a dry run of its plumbing (scripts/gpu_check.sh --dry-run)")
     p.add_argument("--gpu-protos", type=int, default=None, help="NeuCLIP's m in part 4 (default: the paper's 4096)")
+    for name, kind, what in (("batch", int, "batch size B"), ("steps", int, "steps of every run"),
+                             ("checkpoints", int, "error checkpoints per run (equal steps in every setting)"),
+                             ("anchors", int, "anchors R whose exact normalizer is computed against all n"),
+                             ("ratios", str, "n/B values, e.g. 100,1000,3000 (n = ratio × B)"),
+                             ("seeds", str, "seeds, e.g. 0,1,2 (data, heads and batch order)")):
+        p.add_argument(f"--regime-{name}", type=kind, default=None, help=f"regime part: {what}")
+    p.add_argument("--regime-arms", default="tau,fixed,drift", help="regime part: arms (tau, fixed, drift)")
+    p.add_argument("--regime-methods", default="openclip,fastclip,neuclip")
+    p.add_argument("--regime-tau", type=float, default=0.05, help="regime part: τ of the fixed arms")
+    p.add_argument("--no-regime-calibration", dest="regime_calibration", action="store_false",
+                   help="regime part: skip the calibration against the real CPU miniature")
     return p
 
 
@@ -107,6 +124,10 @@ def parse_opts(argv: list[str]) -> argparse.Namespace:
         if len(opts.error_batches) != 2:
             raise ValueError("--error-batches takes exactly two batch sizes")
         opts.seeds = [int(s) for s in str(opts.seeds).split(",")]
+        opts.regime_seeds = [int(s) for s in str(opts.regime_seeds).split(",")]
+        opts.regime_ratios = [int(r) for r in str(opts.regime_ratios).split(",")]
+        opts.regime_arms = [a.strip() for a in opts.regime_arms.split(",") if a.strip()]
+        opts.regime_methods = [m.strip() for m in opts.regime_methods.split(",") if m.strip()]
         for name in ("cost_methods", "error_methods", "quality_methods", "gpu_methods"):
             setattr(opts, name, parse_method_list(getattr(opts, name)))
         opts.peer_methods = [m.strip() for m in opts.peer_methods.split(",") if m.strip()]
@@ -131,6 +152,14 @@ def check_sizes(opts) -> None:
             raise ValueError(f"--error-samples {opts.error_samples} must be a multiple of 10 × --error-n")
         if opts.npn_protos > opts.error_n:
             print(f"note: NeuCLIP's m = {opts.npn_protos} exceeds the small data set n = {opts.error_n}")
+    if "regime" in opts.parts:
+        from training.bench.regime import ARMS, REGIME_METHODS  # noqa: PLC0415
+        bad = [a for a in opts.regime_arms if a not in ARMS] + [m for m in opts.regime_methods if m not in REGIME_METHODS]
+        if bad:
+            raise ValueError(f"--regime-arms/--regime-methods: unknown {bad}; arms {','.join(ARMS)}, methods "
+                             f"{','.join(REGIME_METHODS)}")
+        if min(opts.regime_ratios) < 2 or opts.regime_steps < opts.regime_checkpoints or opts.regime_checkpoints < 1:
+            raise ValueError("--regime-ratios must be ≥ 2 and --regime-steps ≥ --regime-checkpoints ≥ 1")
     if "quality" in opts.parts and (opts.quality_samples % opts.quality_n or opts.quality_n % opts.quality_batch):
         raise ValueError("--quality-samples must be a multiple of --quality-n, and --quality-n of --quality-batch")
 
@@ -255,7 +284,8 @@ def main(argv=None) -> dict:
             + ", ".join(f"{k} ~{v / 60:.1f} min" for k, v in parts.items())
             + f"; total ~{sum(parts.values()) / 60:.1f} min")
     sections, data, done = {}, {}, []
-    runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu, "peer": _run_peer}
+    runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu, "peer": _run_peer,
+               "regime": _run_regime}
     for part in opts.parts:
         part_start = time.perf_counter()
         section, part_data = runners[part](opts, log)
@@ -303,6 +333,11 @@ def _run_gpu(opts, log):
 def _run_peer(opts, log):
     from training.bench.peer import run_peer  # noqa: PLC0415
     return run_peer(opts, opts.out, log)
+
+
+def _run_regime(opts, log):
+    from training.bench.regime_report import run_regime  # noqa: PLC0415
+    return run_regime(opts, opts.out, log)
 
 
 def _json_default(obj):

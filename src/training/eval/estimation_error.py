@@ -10,7 +10,8 @@ What is measured, with the current encoders and temperatures:
   for training keys. Images go through the evaluation transform (no augmentation).
 * Truth (`true_log_normalizers`): t_i = log(ε + g(i, S_ref)), g(i, S_ref) = 1/(R−1) Σ_{j≠i} exp((s_ij − s_ii)·λ_i)
   for every image anchor (rows of s) and text anchor (columns), in fp32, tile by tile with a running
-  log-sum-exp: memory O(block²) whatever R, so R = 10⁵ fits on a CPU. S_ref stands in for the whole training
+  log-sum-exp: memory O(block²) whatever R, so R = 10⁵ fits on a CPU. (For a sample of anchors against a much larger set,
+  n up to 10⁶: `training.eval.exact_normalizers.anchor_log_normalizers`.) S_ref stands in for the whole training
   set S: g(i, S_ref) is itself an average over R − 1 negatives, whose variance is about N/R times that of a
   global batch's average (N = global batch size), so keep R ≫ N.
 * Estimate (`method_log_normalizers`): a_i from `method.log_normalizers(feats)`, the same call for every
