@@ -13,6 +13,8 @@ run folders of the trainings (logs and results; checkpoints are deleted once rea
   quality  (3) zero-shot / retrieval at a fixed budget over seeds, Table 1 in miniature (training.bench.train)
   gpu      (4) ViT-B/32 bf16 samples/s and NPN share vs the paper's Table 5; skipped without CUDA
            (training.bench.gpu)
+  input    training images/s per loader core, --input-pipeline fast vs open_clip on photo-like shards at
+           --input-sizes (training.bench.input); only when asked for
 
 `--quick` shrinks every size to a smoke test (minutes): its numbers are not results. Under torchrun only the
 cost part runs (every rank steps, rank 0 reports; comm = time inside the collectives). `--reuse` keeps the
@@ -32,7 +34,7 @@ import torch
 
 from training.bench.common import (METHOD_ORDER, command_line, git_commit, machine_info, parse_method_list)
 
-PARTS = ("cost", "error", "quality", "gpu", "peer")
+PARTS = ("cost", "error", "quality", "gpu", "peer", "input")
 DEFAULT_PARTS = ("cost", "error", "quality", "gpu")  # peer runs only when asked for (it needs open_clip_train)
 PART_TITLES = {"cost": "1. Cost per step", "error": "2. Estimation error vs batch size and data size",
                "quality": "3. Quality at a fixed budget", "gpu": "4. GPU mode"}  # of the default parts
@@ -42,11 +44,12 @@ FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4,
             error_batches="64,128", error_n=512, error_samples=20480, error_checkpoints=5, error_reference=4096,
             quality_batch=64, quality_n=5120, quality_samples=15360, seeds="0,1,2", npn_protos=512,
             gpu_batch=512, gpu_warmup=5, gpu_repeats=30, peer_batch=128, peer_steps=30, peer_warmup=3,
-            peer_rounds=5)
+            peer_rounds=5, input_samples=512, input_samples_1024=256, input_rounds=3, input_batch=64)
 QUICK = dict(cost_batch=32, cost_warmup=1, cost_repeats=5, cost_data_batches=2, cost_memory_steps=2,
              error_batches="16,32", error_n=64, error_samples=1280, error_checkpoints=5, error_reference=512,
              quality_batch=32, quality_n=320, quality_samples=640, seeds="0", npn_protos=32,
-             gpu_batch=512, gpu_warmup=2, gpu_repeats=5, peer_batch=8, peer_steps=4, peer_warmup=1, peer_rounds=1)
+             gpu_batch=512, gpu_warmup=2, gpu_repeats=5, peer_batch=8, peer_steps=4, peer_warmup=1, peer_rounds=1,
+             input_samples=64, input_samples_1024=32, input_rounds=1, input_batch=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     for part, names in (("cost", ("batch", "warmup", "repeats", "data_batches", "memory_steps")),
                         ("error", ("n", "samples", "checkpoints", "reference")),
                         ("quality", ("batch", "n", "samples")), ("gpu", ("batch", "warmup", "repeats")),
-                        ("peer", ("batch", "steps", "warmup", "rounds"))):
+                        ("peer", ("batch", "steps", "warmup", "rounds")),
+                        ("input", ("samples", "samples_1024", "rounds", "batch"))):
         for name in names:
             p.add_argument(f"--{part}-{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--error-batches", default=None, help="the two batch sizes of part 2, e.g. 64,128")
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-device", default="cuda", choices=("cuda", "cpu"),
                    help="part 4's device; cpu is a dry run of its plumbing (scripts/gpu_check.sh --dry-run)")
     p.add_argument("--gpu-protos", type=int, default=None, help="NeuCLIP's m in part 4 (default: the paper's 4096)")
+    p.add_argument("--input-sizes", default="512,1024", help="part input: JPEG widths (4:3 photo-like shards)")
     return p
 
 
@@ -109,6 +114,7 @@ def parse_opts(argv: list[str]) -> argparse.Namespace:
         opts.seeds = [int(s) for s in str(opts.seeds).split(",")]
         for name in ("cost_methods", "error_methods", "quality_methods", "gpu_methods"):
             setattr(opts, name, parse_method_list(getattr(opts, name)))
+        opts.input_sizes = [int(s) for s in str(opts.input_sizes).split(",") if s.strip()]
         opts.peer_methods = [m.strip() for m in opts.peer_methods.split(",") if m.strip()]
         parse_method_list(",".join(m.partition("-m")[0] for m in opts.peer_methods))
         check_sizes(opts)
@@ -255,7 +261,8 @@ def main(argv=None) -> dict:
             + ", ".join(f"{k} ~{v / 60:.1f} min" for k, v in parts.items())
             + f"; total ~{sum(parts.values()) / 60:.1f} min")
     sections, data, done = {}, {}, []
-    runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu, "peer": _run_peer}
+    runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu, "peer": _run_peer,
+               "input": _run_input}
     for part in opts.parts:
         part_start = time.perf_counter()
         section, part_data = runners[part](opts, log)
@@ -303,6 +310,11 @@ def _run_gpu(opts, log):
 def _run_peer(opts, log):
     from training.bench.peer import run_peer  # noqa: PLC0415
     return run_peer(opts, opts.out, log)
+
+
+def _run_input(opts, log):
+    from training.bench.input import run_input  # noqa: PLC0415
+    return run_input(opts, opts.out, log)
 
 
 def _json_default(obj):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -41,12 +42,24 @@ from torchvision.transforms.v2 import functional as TF
 log = logging.getLogger(__name__)
 
 DCT_SCALES = (8, 4, 2, 1)  # what libjpeg can decode at: 1/8, 1/4, 1/2, full size
-UINT8_INTERPOLATIONS = (T.InterpolationMode.BICUBIC, T.InterpolationMode.BILINEAR)  # antialiased in uint8
+PIL_RESAMPLE = {T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+                T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR}  # antialiased in uint8 by PIL and torch
 
 
 def dct_reduction(crop_width: int, crop_height: int, out_width: int, out_height: int) -> int:
-    """The largest DCT reduction k in (8, 4, 2, 1) whose crop box, k times smaller, still covers the output."""
-    return next(k for k in DCT_SCALES if crop_width >= k * out_width and crop_height >= k * out_height)
+    """The largest DCT reduction k in (8, 4, 2, 1) whose crop box, k times smaller, still covers the output
+    (1 for a crop smaller than the output: it is upsampled from full-size pixels, as the reference does)."""
+    return next((k for k in DCT_SCALES if crop_width >= k * out_width and crop_height >= k * out_height), 1)
+
+
+def as_chw(pixels: np.ndarray) -> torch.Tensor:
+    """[h, w, c] or [h, w] uint8 array -> [c, h, w] tensor view (one channel for "L", as ToTensor gives).
+    A read-only array (np.asarray of a PIL image) is only ever read from here."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's warning about read-only arrays
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def open_image_lazily(data: bytes) -> Image.Image:
@@ -95,15 +108,13 @@ class FastTrainTransform:
                 factor = full_width / drafted[1][2]  # the scale libjpeg decodes at
         if image.mode != self.mode:
             image = image.convert(self.mode)
-        pixels = torch.from_numpy(np.asarray(image))  # [h, w, c] uint8, read-only view: only read from
-        if pixels.ndim == 2:  # a one-channel mode ("L"): ToTensor would give [1, H, W] too
-            pixels = pixels[:, :, None]
-        # The box in the decoded image's pixels: at DCT scale 1 the box itself; at 1/k its edges rounded to
-        # the nearest decoded pixel (each at most k/2 source pixels away).
-        top, bottom = round(top / factor), round((top + height) / factor)
-        left, right = round(left / factor), round((left + width) / factor)
-        crop = pixels[top:bottom, left:right].permute(2, 0, 1)
-        # torch's uint8 antialiased kernels: within one grey level of PIL's resize, at a fifth of its time
+        if factor != 1.0:  # PIL's resize of the fractional box: the crop's exact place in the reduced image
+            box = (left / factor, top / factor, (left + width) / factor, (top + height) / factor)
+            out = image.resize((out_width, out_height), PIL_RESAMPLE[self.interpolation], box=box)
+            return as_chw(np.array(out))
+        # torch's uint8 antialiased kernels on the integer box: within one grey level of PIL's resize, at a
+        # fifth of its time
+        crop = as_chw(np.asarray(image))[:, top:top + height, left:left + width]
         return TF.resize(crop, [out_height, out_width], interpolation=self.interpolation, antialias=True)
 
     def device_stage(self) -> "NormalizeOnDevice":
@@ -148,7 +159,7 @@ def recognise_train_transform(transform) -> FastTrainTransform | None:
     if not (type(crop) is T.RandomResizedCrop and type(normalize) is T.Normalize
             and type(convert).__name__ == "MaybeConvertMode" and isinstance(to_tensor, T.ToTensor)):
         return None
-    if crop.interpolation not in UINT8_INTERPOLATIONS or crop.antialias is False or normalize.inplace:
+    if crop.interpolation not in PIL_RESAMPLE or crop.antialias is False or normalize.inplace:
         return None
     return FastTrainTransform(crop.size, crop.scale, crop.ratio, crop.interpolation, normalize.mean,
                               normalize.std, getattr(convert, "mode", "RGB"))
