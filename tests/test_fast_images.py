@@ -230,3 +230,27 @@ def test_photo_jpegs_weigh_what_real_photos_do():
     assert all(70_000 <= s <= 150_000 for s in sizes), sizes
     assert np.asarray(render_photo(sample_spec(0, 1), 64)).tobytes() == \
         np.asarray(render_photo(sample_spec(0, 1), 64)).tobytes()  # a pure function of the sample
+
+
+def test_main_trains_with_each_pipeline_and_their_losses_agree(tmp_path):
+    """Catches the training loop's hand-off skipping the device-side normalisation (uint8 or unnormalised
+    images reaching the model) or the flag not reaching the loader: main() runs with each --input-pipeline,
+    the fast run's batches are uint8 on the way, and the first steps' losses agree closely (same model
+    seed, same crop boxes, pixels within a grey level)."""
+    import training  # noqa: F401  (registers neuclip-tiny)
+    from training.data.synthetic.shards import write_shards
+    from training.main import main
+
+    write_shards(str(tmp_path / "shards"), 32, seed=0, samples_per_shard=16)
+    losses = {}
+    for pipeline in ("open_clip", "fast"):
+        summary = main(["--logs", str(tmp_path), "--name", pipeline, "--model", "neuclip-tiny", "--batch-size", "16",
+                        "--workers", "0", "--lr", "1e-3", "--warmup", "1", "--precision", "fp32", "--seed", "3",
+                        "--log-every-n-steps", "1", "--zeroshot-frequency", "0", "--val-frequency", "0",
+                        "--report-to", "", "--epochs", "1", "--train-data", str(tmp_path / "shards" / "{00000..00001}.tar"),
+                        "--train-num-samples", "32", "--input-pipeline", pipeline])
+        losses[pipeline] = [terms["contrastive_loss"] for _, terms in summary["history"]]
+        assert "input_pipeline: " + pipeline in (tmp_path / pipeline / "params.txt").read_text()
+    assert len(losses["fast"]) == len(losses["open_clip"]) == 2
+    for fast, reference in zip(losses["fast"], losses["open_clip"]):
+        assert math.isfinite(fast) and fast == pytest.approx(reference, rel=1e-3)
