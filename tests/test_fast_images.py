@@ -134,12 +134,12 @@ def test_grayscale_and_png_images_come_out_rgb_like_the_reference():
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_device_normalisation_is_open_clips_normalize(dtype):
     """Catches a normalisation that differs from ToTensor + Normalize (no /255, mean/std swapped or per
-    the wrong channel, another operation order): bit-identical in float32, then cast to the input dtype."""
-    pixels = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8)
-    reference = torch.stack([T.Normalize(MEAN, STD)(T.ToTensor()(Image.fromarray(p.permute(1, 2, 0).numpy())))
-                             for p in pixels])
+    the wrong channel, channels not put first, another operation order): bit-identical in float32, then
+    cast to the input dtype."""
+    pixels = torch.randint(0, 256, (5, 7, 9, 3), dtype=torch.uint8)  # [b, H, W, C]: the fast batches' layout
+    reference = torch.stack([T.Normalize(MEAN, STD)(T.ToTensor()(Image.fromarray(p.numpy()))) for p in pixels])
     ours = NormalizeOnDevice(MEAN, STD)(pixels, torch.device("cpu"), dtype)
-    assert ours.dtype == (dtype or torch.float32)
+    assert ours.dtype == (dtype or torch.float32) and ours.is_contiguous()
     assert torch.equal(ours, reference if dtype is None else reference.to(dtype))
 
 

@@ -10,17 +10,19 @@ travels through worker shared memory. Here, per sample, in the worker:
    draws: under the same seed, the same box as the reference pipeline);
 3. the JPEG is decoded by libjpeg-turbo at the smallest DCT scale (1, 1/2, 1/4, 1/8; PIL's `draft`) that
    keeps the crop box at least the output size, so no pixel of the output is upsampled;
-4. crop and resize in uint8 (PIL, bicubic, antialiased: what torchvision's PIL path runs; from a reduced
-   decode, one resize with the fractional box), giving a uint8 [3, H, W] tensor (4x less shared memory
-   than float32).
+4. crop and resize in uint8, bicubic and antialiased: at DCT scale 1 by torch's uint8 kernels on the
+   integer box (within one grey level of PIL's resize, which the reference runs, at a fifth of its time);
+   from a reduced decode by PIL's resize of the fractional box (the crop's exact place). The result is a
+   uint8 [H, W, 3] tensor: 4x less shared memory than float32, and channels last, as decoded, so a batch
+   stacks with a plain copy.
 
 On the device (`NormalizeOnDevice`, called by the training loop when a batch arrives): a non-blocking copy
-(the loader pins batches when CUDA is present), then ToTensor's and Normalize's own float32 operations in
-their order (/255, -mean, /std) with the mean/std of the model's preprocess config, then the dtype cast.
-Given the same uint8 pixels the result is bit-identical to open_clip's. The pixels themselves are the
-same where the DCT scale is 1 (the same PIL crop and resize); where it is smaller, the
-DCT's own downscale replaces part of the bicubic filter: PSNR >= 35 dB against the reference on the same
-crop box (tests/test_fast_images.py).
+(the loader pins batches when CUDA is present), channels first, then ToTensor's and Normalize's own float32
+operations in their order (/255, -mean, /std) with the mean/std of the model's preprocess config, then the
+dtype cast. Given the same uint8 pixels the result is bit-identical to open_clip's. The pixels differ from
+the reference's by at most one grey level at DCT scale 1; at smaller scales the DCT's own downscale
+replaces part of the bicubic filter: PSNR >= 35 dB against the reference on the same crop box
+(tests/test_fast_images.py; ~47 dB on 1024x768 photos).
 
 Why PIL's `draft` and not `torchvision.io.decode_jpeg`: both call libjpeg-turbo, but decode_jpeg has no
 DCT scaling, so at 1024 px it decodes 4x the pixels; on 512x384 JPEGs, where the scale is 1, the two
@@ -52,14 +54,14 @@ def dct_reduction(crop_width: int, crop_height: int, out_width: int, out_height:
     return next((k for k in DCT_SCALES if crop_width >= k * out_width and crop_height >= k * out_height), 1)
 
 
-def as_chw(pixels: np.ndarray) -> torch.Tensor:
-    """[h, w, c] or [h, w] uint8 array -> [c, h, w] tensor view (one channel for "L", as ToTensor gives).
-    A read-only array (np.asarray of a PIL image) is only ever read from here."""
+def as_hwc(pixels: np.ndarray) -> torch.Tensor:
+    """[h, w, c] or [h, w] uint8 array -> [h, w, c] tensor (one channel for "L", as ToTensor gives). A
+    read-only array (np.asarray of a PIL image) is only ever read from here."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's warning about read-only arrays
-        return torch.from_numpy(pixels).permute(2, 0, 1)
+        return torch.from_numpy(pixels)
 
 
 def open_image_lazily(data: bytes) -> Image.Image:
@@ -82,8 +84,9 @@ def decode_fully(data: bytes) -> Image.Image:
 
 
 class FastTrainTransform:
-    """(lazily opened or decoded) PIL image -> uint8 [3, H, W]: RandomResizedCrop's box, DCT-scaled decode,
-    uint8 crop + resize. The normalisation is left to `device_stage` (NormalizeOnDevice)."""
+    """(lazily opened or decoded) PIL image -> uint8 [H, W, 3]: RandomResizedCrop's box, DCT-scaled decode,
+    uint8 crop + resize. Channels last, as decoded and resized: batches stack with a plain copy; the
+    device stage (NormalizeOnDevice) puts channels first and normalises."""
 
     def __init__(self, size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
                  interpolation: T.InterpolationMode, mean, std, mode: str = "RGB"):
@@ -111,11 +114,12 @@ class FastTrainTransform:
         if factor != 1.0:  # PIL's resize of the fractional box: the crop's exact place in the reduced image
             box = (left / factor, top / factor, (left + width) / factor, (top + height) / factor)
             out = image.resize((out_width, out_height), PIL_RESAMPLE[self.interpolation], box=box)
-            return as_chw(np.array(out))
+            return as_hwc(np.array(out))
         # torch's uint8 antialiased kernels on the integer box: within one grey level of PIL's resize, at a
         # fifth of its time
-        crop = as_chw(np.asarray(image))[:, top:top + height, left:left + width]
-        return TF.resize(crop, [out_height, out_width], interpolation=self.interpolation, antialias=True)
+        crop = as_hwc(np.asarray(image))[top:top + height, left:left + width].permute(2, 0, 1)
+        out = TF.resize(crop, [out_height, out_width], interpolation=self.interpolation, antialias=True)
+        return out.permute(1, 2, 0)  # channels-last kernels: [H, W, C] memory order already, no copy
 
     def device_stage(self) -> "NormalizeOnDevice":
         return NormalizeOnDevice(self.mean, self.std)
@@ -131,8 +135,9 @@ def move_float_images(images: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 class NormalizeOnDevice:
-    """uint8 [B, 3, H, W] -> normalised images on `device`: ToTensor's /255 and Normalize's -mean, /std,
-    the same float32 operations in the same order, so bit-identical to them for the same pixels."""
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (contiguous) on `device`: ToTensor's /255 and
+    Normalize's -mean, /std, the same float32 operations in the same order, so bit-identical to them for
+    the same pixels."""
 
     def __init__(self, mean, std):
         self.mean_std = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), \
@@ -145,7 +150,8 @@ class NormalizeOnDevice:
         if key not in self.on_device:
             self.on_device[key] = tuple(t.to(images.device) for t in self.mean_std)
         mean, std = self.on_device[key]
-        images = images.to(torch.float32).div_(255).sub_(mean).div_(std)
+        images = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        images = images.div_(255).sub_(mean).div_(std)
         return images if dtype is None else images.to(dtype)
 
 

@@ -5,8 +5,8 @@
     info.set_epoch(epoch)
     for images, texts, keys in info.dataloader: ...
 
-images [b, 3, H, W]: the preprocess output (float), or with `--input-pipeline fast` (the default) uint8 crops
-that `DataInfo.images_to_device` normalises on the device (`training.data.fast_images`); texts long [b, ctx]
+images: the preprocess output (float [b, 3, H, W]), or with `--input-pipeline fast` (the default) uint8 crops
+[b, H, W, 3] that `DataInfo.images_to_device` normalises on the device (`training.data.fast_images`); texts long [b, ctx]
 (tokenizer output), keys int64 [b]:
 a stable id per sample (the .json "key" or numeric __key__ in shards, the 0-based row in a CSV), which
 is what per-sample loss state is indexed by. Training batches always hold exactly --batch-size samples.
@@ -89,14 +89,11 @@ def tokenize_one(tokenizer, caption: str) -> torch.Tensor:
     return tokenizer([caption])[0]
 
 
-decode_image = decode_fully  # the reference decode (training.data.fast_images)
-
-
 class ShardSampleDecoder:
     """Raw tar sample (bytes per extension) -> (image, tokens, key); raises UnusableSample to skip."""
 
     def __init__(self, transform, tokenizer, check_key: KeyRangeCheck,
-                 randomness: PerSampleRandomness | None = None, open_image=decode_image):
+                 randomness: PerSampleRandomness | None = None, open_image=decode_fully):
         self.transform, self.tokenizer, self.check_key = transform, tokenizer, check_key
         self.randomness, self.open_image = randomness, open_image  # open_image: bytes -> PIL image
 
