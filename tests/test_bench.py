@@ -180,3 +180,23 @@ def test_quality_target_uses_paired_seed_differences():
     assert "NeuCLIP − FastCLIP-v3, paired by seed: 1.00 points" in text and "larger than twice" in text
     runs[-1]["metrics"]["builtin/mean_top1"] = 0.40  # one bad NeuCLIP seed
     assert "MISSED" in "\n".join(quality_target_lines({"methods": list(acc), "runs": runs, "batch": 64}))
+
+
+def test_input_part_compares_both_pipelines_per_loader_core(tmp_path, one_thread):
+    """Catches the input part timing one pipeline twice (or none), counting the main process instead of the
+    loader worker, or losing images: both pipelines run on the same photo shards, every round sees every
+    sample, the worker's CPU time is measured, and the report states the ratio and the target."""
+    out = tmp_path / "bench"
+    bench.main(["--out", str(out), "--parts", "input", "--quick", "--no-estimate", "--input-sizes", "96",
+                "--input-samples", "16", "--input-rounds", "2", "--input-batch", "4", *one_thread])
+    data = json.loads((out / "input.json").read_text())
+    size = data["sizes"]["96"]
+    assert size["jpeg_kb"] > 0 and len(size["rounds"]) == 2
+    for rnd in size["rounds"]:
+        assert rnd["open_clip"]["batch_dtype"] == "float32" and rnd["fast"]["batch_dtype"] == "uint8"
+        for pipeline in ("open_clip", "fast"):
+            assert rnd[pipeline]["images"] == 16 and rnd[pipeline]["worker_cpu_s"] > 0
+        assert rnd["ratio"] == pytest.approx(rnd["fast"]["images_per_core_s"] / rnd["open_clip"]["images_per_core_s"])
+    assert set(size["decoders"]) == {"PIL (full size)", "PIL draft (DCT-scaled)", "torchvision decode_jpeg"}
+    report = (out / "report.md").read_text()
+    assert "## Input pipeline" in report and "| 96x72 |" in report and ">= 2.5x" in report

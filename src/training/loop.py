@@ -23,6 +23,7 @@ import torch
 from contrastive import Features, comm
 from contrastive.base import STEP_SKIPPED
 
+from training.data.info import images_to_device
 from training.distributed import unwrap
 from training.optim import steps_on_device
 
@@ -139,7 +140,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
     for i, (images, texts, keys) in enumerate(batches, start=data.start_batch):
         if i >= steps_this_epoch:
             break
-        images = images.to(device, dtype=input_dtype(args.precision), non_blocking=True)
+        images = images_to_device(data, images, device, input_dtype(args.precision))  # fast pipeline: normalised here
         texts = texts.to(device, non_blocking=True)
         keys = keys.to(device, non_blocking=True)
         data_time.add(time.perf_counter() - end)

@@ -16,6 +16,8 @@ run folders of the trainings (logs and results; checkpoints are deleted once rea
   regime   estimation error vs n/B up to the paper's ~3 000 by feature-level simulation (the real method
            objects on synthetic backbone features; arms tau/fixed/drift; calibration against docs/results/
            cpu-error-n2048); only when asked for (training.bench.regime)
+  input    training images/s per loader core, --input-pipeline fast vs open_clip on photo-like shards at
+           --input-sizes (training.bench.input); only when asked for
 
 `--quick` shrinks every size to a smoke test (minutes): its numbers are not results. Under torchrun only the
 cost part runs (every rank steps, rank 0 reports; comm = time inside the collectives). `--reuse` keeps the
@@ -35,8 +37,8 @@ import torch
 
 from training.bench.common import (METHOD_ORDER, command_line, git_commit, machine_info, parse_method_list)
 
-PARTS = ("cost", "error", "quality", "gpu", "peer", "regime")
-DEFAULT_PARTS = ("cost", "error", "quality", "gpu")  # peer (needs open_clip_train) and regime: when asked for
+PARTS = ("cost", "error", "quality", "gpu", "peer", "regime", "input")
+DEFAULT_PARTS = ("cost", "error", "quality", "gpu")  # peer (needs open_clip_train), regime and input: when asked for
 PART_TITLES = {"cost": "1. Cost per step", "error": "2. Estimation error vs batch size and data size",
                "quality": "3. Quality at a fixed budget", "gpu": "4. GPU mode"}  # of the default parts
 
@@ -46,13 +48,15 @@ FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4,
             quality_batch=64, quality_n=5120, quality_samples=15360, seeds="0,1,2", npn_protos=512,
             gpu_batch=512, gpu_warmup=5, gpu_repeats=30, peer_batch=128, peer_steps=30, peer_warmup=3,
             peer_rounds=5, regime_batch=256, regime_ratios="100,1000,3000", regime_steps=6000, regime_checkpoints=3,
-            regime_anchors=1024, regime_seeds="0,1,2")
+            regime_anchors=1024, regime_seeds="0,1,2",
+            input_samples=512, input_samples_1024=256, input_rounds=3, input_batch=64)
 QUICK = dict(cost_batch=32, cost_warmup=1, cost_repeats=5, cost_data_batches=2, cost_memory_steps=2,
              error_batches="16,32", error_n=64, error_samples=1280, error_checkpoints=5, error_reference=512,
              quality_batch=32, quality_n=320, quality_samples=640, seeds="0", npn_protos=32,
              gpu_batch=512, gpu_warmup=2, gpu_repeats=5, peer_batch=8, peer_steps=4, peer_warmup=1, peer_rounds=1,
              regime_batch=16, regime_ratios="10,30", regime_steps=60, regime_checkpoints=2, regime_anchors=128,
-             regime_seeds="0")
+             regime_seeds="0",
+             input_samples=64, input_samples_1024=32, input_rounds=1, input_batch=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     for part, names in (("cost", ("batch", "warmup", "repeats", "data_batches", "memory_steps")),
                         ("error", ("n", "samples", "checkpoints", "reference")),
                         ("quality", ("batch", "n", "samples")), ("gpu", ("batch", "warmup", "repeats")),
-                        ("peer", ("batch", "steps", "warmup", "rounds"))):
+                        ("peer", ("batch", "steps", "warmup", "rounds")),
+                        ("input", ("samples", "samples_1024", "rounds", "batch"))):
         for name in names:
             p.add_argument(f"--{part}-{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--error-batches", default=None, help="the two batch sizes of part 2, e.g. 64,128")
@@ -105,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regime-tau", type=float, default=0.05, help="regime part: τ of the fixed arms")
     p.add_argument("--no-regime-calibration", dest="regime_calibration", action="store_false",
                    help="regime part: skip the calibration against the real CPU miniature")
+    p.add_argument("--input-sizes", default="512,1024", help="part input: JPEG widths (4:3 photo-like shards)")
     return p
 
 
@@ -130,6 +136,7 @@ def parse_opts(argv: list[str]) -> argparse.Namespace:
         opts.regime_methods = [m.strip() for m in opts.regime_methods.split(",") if m.strip()]
         for name in ("cost_methods", "error_methods", "quality_methods", "gpu_methods"):
             setattr(opts, name, parse_method_list(getattr(opts, name)))
+        opts.input_sizes = [int(s) for s in str(opts.input_sizes).split(",") if s.strip()]
         opts.peer_methods = [m.strip() for m in opts.peer_methods.split(",") if m.strip()]
         parse_method_list(",".join(m.partition("-m")[0] for m in opts.peer_methods))
         check_sizes(opts)
@@ -286,6 +293,7 @@ def main(argv=None) -> dict:
     sections, data, done = {}, {}, []
     runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu, "peer": _run_peer,
                "regime": _run_regime}
+               "input": _run_input}
     for part in opts.parts:
         part_start = time.perf_counter()
         section, part_data = runners[part](opts, log)
@@ -338,6 +346,9 @@ def _run_peer(opts, log):
 def _run_regime(opts, log):
     from training.bench.regime_report import run_regime  # noqa: PLC0415
     return run_regime(opts, opts.out, log)
+def _run_input(opts, log):
+    from training.bench.input import run_input  # noqa: PLC0415
+    return run_input(opts, opts.out, log)
 
 
 def _json_default(obj):

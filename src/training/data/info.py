@@ -2,16 +2,19 @@
 
 A `DataInfo` holds the split's loader (a `SkipCountingLoader` yielding (images, texts, keys) batches and adding up
 the skip counts the workers attach as a 4th element), its epoch length, the `SharedEpoch` its DataLoader workers
-read, the epoch reseeding of samplers and worker seeds, and the resume position (`set_epoch(epoch, start_batch)`).
+read, the epoch reseeding of samplers and worker seeds, the resume position (`set_epoch(epoch, start_batch)`), and
+how a batch's images reach the device (`images_to_device`: the fast input pipeline normalises there).
 """
 from __future__ import annotations
 
 import multiprocessing
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
 
+from training.data.fast_images import move_float_images
 from training.data.position import ResumableSampler, sample_seed
 
 
@@ -72,6 +75,9 @@ class DataInfo:
     sampler: ResumableSampler | None = None
     generator: torch.Generator | None = None  # the DataLoader's: worker base seeds
     seed_parts: tuple = ()  # (seed, rank): with the epoch, what the generator is seeded from
+    #: (images, device, dtype) -> the model's input on the device: a move and cast of float images, or the
+    #: fast pipeline's uint8 -> normalised float (training.data.fast_images.NormalizeOnDevice)
+    images_to_device: Callable = move_float_images
 
     @property
     def num_samples(self) -> int | None:
@@ -106,3 +112,9 @@ class DataInfo:
     def skipped(self) -> int:
         """Damaged samples skipped so far by all workers of this rank (counted as batches arrive)."""
         return self.dataloader.skipped
+
+
+def images_to_device(data, images, device, dtype):
+    """The training loop's hand-off of a batch's images: the split's own `images_to_device`; a data object
+    without one (a test's stand-in) yields float images, moved and cast as open_clip_train does."""
+    return getattr(data, "images_to_device", move_float_images)(images, device, dtype)

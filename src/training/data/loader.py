@@ -5,7 +5,9 @@
     info.set_epoch(epoch)
     for images, texts, keys in info.dataloader: ...
 
-images float [b, 3, H, W] (preprocess output), texts long [b, ctx] (tokenizer output), keys int64 [b]:
+images: the preprocess output (float [b, 3, H, W]), or with `--input-pipeline fast` (the default) uint8 crops
+[b, H, W, 3] that `DataInfo.images_to_device` normalises on the device (`training.data.fast_images`); texts long [b, ctx]
+(tokenizer output), keys int64 [b]:
 a stable id per sample (the .json "key" or numeric __key__ in shards, the 0-based row in a CSV), which
 is what per-sample loss state is indexed by. Training batches always hold exactly --batch-size samples.
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import csv
-import io
 import math
 import multiprocessing
 import random
@@ -35,13 +36,13 @@ from itertools import islice
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from training.data.checks import (DataConfigError, KeyRangeCheck, SkipLog, SkipUnreadable, UnusableSample,
                                   check_enough_shards, check_images_reachable, check_shards_exist, column_indices,
                                   expand_shard_urls, open_csv, per_sample_state_size, require_train_num_samples,
                                   shard_sample_key, tarfile_to_samples)
+from training.data.fast_images import ImagePipeline, decode_file_fully, decode_fully, train_image_pipeline
 from training.data.info import DataInfo, SharedEpoch, SkipCountingLoader
 from training.data.position import PerSampleRandomness, ResumableSampler, SeededItems, stream_seed
 
@@ -89,18 +90,13 @@ def tokenize_one(tokenizer, caption: str) -> torch.Tensor:
     return tokenizer([caption])[0]
 
 
-def decode_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")  # forces the full decode, so truncated files fail here
-
-
 class ShardSampleDecoder:
     """Raw tar sample (bytes per extension) -> (image, tokens, key); raises UnusableSample to skip."""
 
     def __init__(self, transform, tokenizer, check_key: KeyRangeCheck,
-                 randomness: PerSampleRandomness | None = None):
+                 randomness: PerSampleRandomness | None = None, open_image=decode_fully):
         self.transform, self.tokenizer, self.check_key = transform, tokenizer, check_key
-        self.randomness = randomness
+        self.randomness, self.open_image = randomness, open_image  # open_image: bytes -> PIL image
 
     def __call__(self, sample: dict):
         where = f"sample {sample['__key__']!r} of shard {sample['__url__']}"
@@ -112,11 +108,12 @@ class ShardSampleDecoder:
         if "txt" not in sample:
             raise UnusableSample(f"{where}: no caption (.txt)")
         try:
-            image = decode_image(sample[image_ext])
+            image = self.open_image(sample[image_ext])
             caption = sample["txt"].decode("utf-8")
+            # a lazily opened image (fast pipeline) is decoded inside the transform: its errors are the same
+            image = self.transform(image) if self.randomness is None else self.randomness(key, self.transform, image)
         except Exception as exn:
             raise UnusableSample(f"{where}: cannot decode: {exn}") from exn
-        image = self.transform(image) if self.randomness is None else self.randomness(key, self.transform, image)
         return image, tokenize_one(self.tokenizer, caption), key
 
 
@@ -232,7 +229,7 @@ class WithTrailingSkipCount(IterableDataset):
             yield None, None, None, torch.tensor(self.skip_log.take_pending())
 
 
-def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log,
+def shard_pipeline(urls, args, images: ImagePipeline, tokenizer, shared_epoch, is_train, check_key, skip_log,
                    batches_per_worker: int | None):
     if is_train and args.dataset_resampled:
         stages = [EpochResampledShards(urls, args.seed, shared_epoch, args.rank,
@@ -245,8 +242,9 @@ def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, che
     if is_train:
         stages.append(EpochSeededShuffle(args.seed, shared_epoch, args.rank, batches_per_worker * args.batch_size))
     stages += [
-        wds.map(ShardSampleDecoder(transform, tokenizer, check_key,
-                                   PerSampleRandomness(args.seed, shared_epoch) if is_train else None),
+        wds.map(ShardSampleDecoder(images.transform, tokenizer, check_key,
+                                   PerSampleRandomness(args.seed, shared_epoch) if is_train else None,
+                                   images.open_bytes),
                 handler=skip_log.handle),
         # training drops the partial last batch of each worker: constant batch shapes for all-gathers
         wds.batched(args.batch_size, collation_fn=CollateWithSkipCount(skip_log), partial=not is_train),
@@ -254,7 +252,7 @@ def shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, che
     return wds.DataPipeline(*stages)
 
 
-def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+def get_wds_data(args, is_train, images: ImagePipeline, tokenizer, shared_epoch, check_key) -> DataInfo:
     flag = "--train-data" if is_train else "--val-data"
     urls = expand_shard_urls(args.train_data if is_train else args.val_data, flag)
     check_shards_exist(urls, flag)
@@ -269,7 +267,7 @@ def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) 
         num_batches = math.ceil(num_samples / (args.batch_size * args.world_size)) if num_samples else None
         batches_per_worker = None
     skip_log = SkipLog("train" if is_train else "val")
-    pipeline = shard_pipeline(urls, args, transform, tokenizer, shared_epoch, is_train, check_key, skip_log,
+    pipeline = shard_pipeline(urls, args, images, tokenizer, shared_epoch, is_train, check_key, skip_log,
                               batches_per_worker)
     if is_train:  # repeats (or cuts) each worker's stream to its share: all ranks take the same steps
         pipeline = pipeline.with_epoch(batches_per_worker)
@@ -278,7 +276,7 @@ def get_wds_data(args, is_train, transform, tokenizer, shared_epoch, check_key) 
                         persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
                         worker_init_fn=ignore_stop_signals)
     return DataInfo(SkipCountingLoader(loader, num_batches, num_samples, exact=is_train), shared_epoch,
-                    generator=generator, seed_parts=(args.seed, args.rank))
+                    generator=generator, seed_parts=(args.seed, args.rank), images_to_device=images.to_device)
 
 
 # ------------------------------------------------------------------------- map-style: CSV, synthetic
@@ -287,8 +285,9 @@ class CsvCaptions(Dataset):
     """Rows of a CSV/TSV file (image path + caption column); a row's key is its 0-based row number."""
 
     def __init__(self, path: str, img_key: str, caption_key: str, separator: str, transform, tokenizer,
-                 flag: str = "--train-data"):
+                 flag: str = "--train-data", open_image=decode_file_fully):
         self.path, self.transform, self.tokenizer = path, transform, tokenizer
+        self.open_image = open_image  # path -> PIL image (decoded, or opened lazily for the fast pipeline)
         with open_csv(path, flag) as f:
             rows = csv.reader(f, delimiter=separator)
             header = next(rows, [])
@@ -307,18 +306,19 @@ class CsvCaptions(Dataset):
         if not image_path or not caption:
             raise UnusableSample(f"{where}: empty image path or caption")
         try:
-            with Image.open(image_path) as image:
-                image = image.convert("RGB")
+            image = self.open_image(image_path)
+            image = self.transform(image)  # a lazily opened image is decoded here: its errors are the same
         except Exception as exn:
             raise UnusableSample(f"{where}: cannot read image: {exn}") from exn
-        return self.transform(image), tokenize_one(self.tokenizer, caption), idx
+        return image, tokenize_one(self.tokenizer, caption), idx
 
 
 def field(row: list[str], column: int) -> str:
     return row[column] if column < len(row) else ""
 
 
-def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedEpoch) -> DataInfo:
+def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedEpoch,
+                   images: ImagePipeline) -> DataInfo:
     if is_train:
         dataset = SeededItems(dataset, PerSampleRandomness(args.seed, shared_epoch))
     sampler = ResumableSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=is_train,
@@ -333,28 +333,28 @@ def map_style_data(dataset: Dataset, args, is_train: bool, shared_epoch: SharedE
                         worker_init_fn=ignore_stop_signals)
     num_samples = len(loader) * args.batch_size * args.world_size if is_train else len(dataset)
     return DataInfo(SkipCountingLoader(loader, len(loader), num_samples, exact=is_train), shared_epoch, sampler,
-                    generator=generator, seed_parts=(args.seed, args.rank))
+                    generator=generator, seed_parts=(args.seed, args.rank), images_to_device=images.to_device)
 
 
-def get_csv_data(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+def get_csv_data(args, is_train, images: ImagePipeline, tokenizer, shared_epoch, check_key) -> DataInfo:
     """The file's rows make the epoch (--train-num-samples is for shards, whose size is unknown)."""
     path = args.train_data if is_train else args.val_data
-    rows = CsvCaptions(path, args.csv_img_key, args.csv_caption_key, args.csv_separator, transform, tokenizer,
-                       "--train-data" if is_train else "--val-data")
+    rows = CsvCaptions(path, args.csv_img_key, args.csv_caption_key, args.csv_separator, images.transform,
+                       tokenizer, "--train-data" if is_train else "--val-data", images.open_file)
     if len(rows):
         check_key(len(rows) - 1, f"the last row of {path}")  # before any worker starts
     return map_style_data(SkipUnreadable(rows, check_key, "train" if is_train else "val"), args, is_train,
-                          shared_epoch)
+                          shared_epoch, images)
 
 
-def get_synthetic_data(args, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+def get_synthetic_data(args, images: ImagePipeline, tokenizer, shared_epoch, check_key) -> DataInfo:
     from training.data.synthetic.samples import SyntheticCaptions  # only this dataset type needs it
 
-    dataset = SyntheticCaptions(args.synthetic_num_samples, seed=args.synthetic_seed, transform=transform,
+    dataset = SyntheticCaptions(args.synthetic_num_samples, seed=args.synthetic_seed, transform=images.transform,
                                 tokenizer=tokenizer)
     if len(dataset):
         check_key(len(dataset) - 1, "the last synthetic sample")
-    return map_style_data(SkipUnreadable(dataset, check_key, "train"), args, True, shared_epoch)
+    return map_style_data(SkipUnreadable(dataset, check_key, "train"), args, True, shared_epoch, images)
 
 
 # --------------------------------------------------------------------------------------- entry
@@ -373,24 +373,29 @@ def resolve_dataset_type(path: str, requested: str, flag: str) -> str:
 
 def get_data(args, preprocess_train, preprocess_val, tokenizer, epoch: int = 0) -> dict[str, DataInfo]:
     """{"train": DataInfo, "val": DataInfo}, each present when configured: "train" for --train-data
-    or --dataset-type synthetic (the built-in shapes data set), "val" for --val-data."""
+    or --dataset-type synthetic (the built-in shapes data set), "val" for --val-data.
+
+    Training images go through `--input-pipeline` (training.data.fast_images; "fast" when the flag is
+    absent); validation keeps open_clip's preprocess_val on fully decoded images, exactly."""
     data = {}
     if args.dataset_type == "synthetic" or args.train_data is not None:
         check_key = KeyRangeCheck(per_sample_state_size(args.uses_per_sample_state, args.data_size))
+        images = train_image_pipeline(getattr(args, "input_pipeline", "fast"), preprocess_train)
         if args.dataset_type == "synthetic":
-            data["train"] = get_synthetic_data(args, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
+            data["train"] = get_synthetic_data(args, images, tokenizer, SharedEpoch(epoch), check_key)
         else:
-            data["train"] = get_split(args, True, preprocess_train, tokenizer, SharedEpoch(epoch), check_key)
+            data["train"] = get_split(args, True, images, tokenizer, SharedEpoch(epoch), check_key)
     if args.val_data:
         # keys of a validation set index no training state: no range check
-        data["val"] = get_split(args, False, preprocess_val, tokenizer, SharedEpoch(epoch), KeyRangeCheck(None))
+        data["val"] = get_split(args, False, ImagePipeline(preprocess_val), tokenizer, SharedEpoch(epoch),
+                                KeyRangeCheck(None))
     return data
 
 
-def get_split(args, is_train, transform, tokenizer, shared_epoch, check_key) -> DataInfo:
+def get_split(args, is_train, images: ImagePipeline, tokenizer, shared_epoch, check_key) -> DataInfo:
     flag = "--train-data" if is_train else "--val-data"
     dataset_type = resolve_dataset_type(args.train_data if is_train else args.val_data, args.dataset_type, flag)
     build = {"webdataset": get_wds_data, "csv": get_csv_data}.get(dataset_type)
     if build is None:
         raise DataConfigError(f"unknown --dataset-type {dataset_type!r}; use webdataset, csv, synthetic or auto")
-    return build(args, is_train, transform, tokenizer, shared_epoch, check_key)
+    return build(args, is_train, images, tokenizer, shared_epoch, check_key)
