@@ -292,8 +292,7 @@ def main(argv=None) -> dict:
             + f"; total ~{sum(parts.values()) / 60:.1f} min")
     sections, data, done = {}, {}, []
     runners = {"cost": _run_cost, "error": _run_error, "quality": _run_quality, "gpu": _run_gpu, "peer": _run_peer,
-               "regime": _run_regime}
-               "input": _run_input}
+               "regime": _run_regime, "input": _run_input}
     for part in opts.parts:
         part_start = time.perf_counter()
         section, part_data = runners[part](opts, log)
@@ -346,6 +345,8 @@ def _run_peer(opts, log):
 def _run_regime(opts, log):
     from training.bench.regime_report import run_regime  # noqa: PLC0415
     return run_regime(opts, opts.out, log)
+
+
 def _run_input(opts, log):
     from training.bench.input import run_input  # noqa: PLC0415
     return run_input(opts, opts.out, log)
