@@ -1,10 +1,18 @@
 """What an open_clip user does out of habit, against this trainer: the size flags, --report-to values,
 the built-in evaluation staying off the user's data, a signal during evaluation, open_clip's logged names.
 open_clip's own end-to-end tests run against the trainer in tests/test_open_clip_training_simple.py."""
+import json
+import os
+import signal
+
 import pytest
 
 import training  # noqa: F401  (registers neuclip-tiny)
+from training.data.synthetic.shards import write_shards
+from training.eval import evaluation
 from training.main import main
+from training.params import parse_args
+from training.preemption import Preempted
 from training.startup.user_errors import UserError
 
 
@@ -27,3 +35,71 @@ def test_two_different_synthetic_sizes_are_refused(tmp_path):
     with pytest.raises(UserError, match="both size the synthetic data set"):
         main(tiny_flags(tmp_path, "both", "--train-num-samples", "16", "--synthetic-num-samples", "32",
                         "--batch-size", "4", "--epochs", "1"))
+
+
+@pytest.fixture
+def small_builtin(monkeypatch):
+    """Smaller built-in evaluation sets: the test needs their presence, not their precision."""
+    monkeypatch.setattr(evaluation, "BUILTIN_N_PER_TASK", 16)
+    monkeypatch.setattr(evaluation, "BUILTIN_RETRIEVAL_N", 32)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    write_shards(str(out), 32, seed=0, samples_per_shard=8)
+    return str(out / "{00000..00003}.tar")
+
+
+def results_lines(run_dir) -> list[dict]:
+    path = os.path.join(run_dir, "checkpoints", "results.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_builtin_evaluation_stays_off_the_users_data_unless_asked(tmp_path, shards, small_builtin,
+                                                                   single_torch_thread):
+    """Bug: the built-in shapes evaluation ran after every epoch of every run, on the user's own shards too
+    (numbers that mean nothing there, minutes on rank 0 while the other ranks wait); open_clip evaluates
+    only what it is given. --builtin-eval still asks for it."""
+    flags = ["--train-data", shards, "--train-num-samples", "32", "--batch-size", "16", "--epochs", "1"]
+    plain = main(tiny_flags(tmp_path, "users_data", *flags))
+    assert not any(k.startswith("builtin/") for k in plain["results"])
+    assert results_lines(plain["run_dir"]) == []  # nothing was due: no line
+    assert not evaluation.evaluation_missing(plain["run_dir"], 1, parse_args(tiny_flags(tmp_path, "x", *flags)))
+    asked = main(tiny_flags(tmp_path, "asked", *flags, "--builtin-eval"))
+    assert "builtin/mean_top1" in asked["results"] and results_lines(asked["run_dir"])[0]["epoch"] == 1
+    on_builtin = main(tiny_flags(tmp_path, "builtin", "--train-num-samples", "32", "--batch-size", "16",
+                                 "--epochs", "1"))
+    assert "builtin/mean_top1" in on_builtin["results"]
+
+
+def test_signal_during_evaluation_stops_within_a_batch_and_relaunch_makes_it_up(tmp_path, monkeypatch,
+                                                                                  single_torch_thread):
+    """Bug: a SIGTERM arriving during the evaluation was acted on only after the whole evaluation (minutes
+    with a large model), and after the last epoch not at all (the run ended 'Done'): under slurm the job was
+    killed before its checkpoint-and-requeue. Now the evaluation checks the stop flag between batches, the run
+    exits with status 75, and the relaunch makes the missing evaluation up."""
+    monkeypatch.setattr(evaluation, "BUILTIN_N_PER_TASK", 64)
+    batches = []
+    original = evaluation.tensor_batches
+
+    def signalled_batches(images, batch_size):
+        for batch in original(images, batch_size):
+            batches.append(len(batch))
+            if len(batches) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during the evaluation's first batch
+            yield batch
+
+    monkeypatch.setattr(evaluation, "tensor_batches", signalled_batches)
+    flags = tiny_flags(tmp_path, "sig", "--train-num-samples", "32", "--batch-size", "8", "--epochs", "1")
+    with pytest.raises(Preempted):
+        main(flags)
+    assert len(batches) <= 2  # 6 tasks x 64 images at batch 8 would be 48 batches
+    assert results_lines(tmp_path / "sig") == []
+    monkeypatch.setattr(evaluation, "tensor_batches", original)
+    summary = main(flags)  # the same command: resumes, evaluates epoch 1, trains nothing more
+    assert summary["step"] == 32 // 8
+    assert [line["epoch"] for line in results_lines(tmp_path / "sig")] == [1]

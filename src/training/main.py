@@ -258,14 +258,17 @@ def train(args, info, signals: StopSignals) -> dict:
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
     schedule_checks.warn_if_complete(args, start_epoch, last_epoch)
-    results = {}
+    results, stopped_in_eval = {}, False
+    stop_requested = lambda: signals.code != 0  # noqa: E731  (evaluation checks it between batches)
     if start_batch == 0 and broadcast_object(args.is_master and evaluation_missing(run_dir, start_epoch, args)):
         log.info("epoch %d's evaluation is missing from results.jsonl (the previous launch stopped during it): "
                  "evaluating before training on", start_epoch)
-        results = evaluate(model, data, start_epoch, args, tokenizer, preprocess_val, tb, run_dir) or results
+        results = evaluate(model, data, start_epoch, args, tokenizer, preprocess_val, tb, run_dir,
+                           stop_requested) or results
+        stopped_in_eval = broadcast_object(bool(signals.code)) and control.at_epoch_end(state.step, start_epoch)
     control = progress.wrap(args, control, total_steps=steps_per_epoch * last_epoch, start_step=state.step,
                             samples_per_step=numbers["global_batch"])
-    for epoch in range(start_epoch, last_epoch):
+    for epoch in range(start_epoch, start_epoch if stopped_in_eval else last_epoch):
         data["train"].set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         method.on_epoch_start(epoch)
         if train_one_epoch(model=ddp_model, method=method, data=data["train"], optimizer=optimizer,
@@ -276,8 +279,11 @@ def train(args, info, signals: StopSignals) -> dict:
         written = checkpoints.save_epoch(completed, state)
         if written:  # upstream DataComp finds the checkpoint through info.pkl
             write_info_pkl(run_dir, args.model, written[-1])
-        results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir) or results
-        if completed < last_epoch and control.at_epoch_end(state.step, completed):
+        results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir,
+                           stop_requested) or results
+        # after the last epoch too when rank 0 was signalled: its evaluation may have stopped part-way
+        if (completed < last_epoch or broadcast_object(bool(signals.code))) \
+                and control.at_epoch_end(state.step, completed):
             break
     progress.close_all()
     tb.close()

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every-n-steps", type=int, default=100)
     run.add_argument("--zeroshot-frequency", type=int, default=1)
     run.add_argument("--val-frequency", type=int, default=1)
+    run.add_argument("--builtin-eval", action=argparse.BooleanOptionalAction, default=None,
+                     help="the built-in shapes evaluation (builtin/ results) at --zeroshot/--val-frequency "
+                          "(default: only when training on the built-in synthetic data set)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads per rank (default: OMP_NUM_THREADS if set, else this rank's "
                           "cores minus one per data-loader worker; training.startup.threads)")
