@@ -13,7 +13,7 @@ from training.eval import evaluation
 from training.main import main
 from training.params import parse_args
 from training.preemption import Preempted
-from training.startup.user_errors import UserError
+from training.startup.user_errors import UserError, run_cli
 
 
 def tiny_flags(tmp_path, name, *extra):
@@ -103,3 +103,32 @@ def test_signal_during_evaluation_stops_within_a_batch_and_relaunch_makes_it_up(
     summary = main(flags)  # the same command: resumes, evaluates epoch 1, trains nothing more
     assert summary["step"] == 32 // 8
     assert [line["epoch"] for line in results_lines(tmp_path / "sig")] == [1]
+
+
+@pytest.mark.parametrize("report_to, tensorboard, wandb", [("all", True, True), ("none", False, False),
+                                                            ("wandb,tensorboard", True, True)])
+def test_report_to_takes_open_clips_values(tmp_path, monkeypatch, report_to, tensorboard, wandb):
+    """Bug: --report-to all and --report-to none (open_clip's values) were refused at start-up. 'all' must
+    report to both TensorBoard and wandb, 'none' to neither."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    flags = tiny_flags(tmp_path, "r", "--train-num-samples", "16", "--batch-size", "8", "--epochs", "1",
+                       "--zeroshot-frequency", "0", "--val-frequency", "0")
+    main(flags + ["--report-to", report_to])  # the last --report-to counts
+    assert (tmp_path / "r" / "tensorboard").exists() == tensorboard
+    assert (tmp_path / "r" / "wandb").exists() == wandb
+
+
+def test_remote_sync_failing_at_start_up_is_one_line_exit_2(tmp_path, capsys):
+    """Bug: a --remote-sync target that cannot be written ended the run in a traceback (exit 1); open_clip
+    users expect the start-up check's one line. Here the target lies under a regular file."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    flags = tiny_flags(tmp_path, "rs", "--train-num-samples", "16", "--batch-size", "8", "--epochs", "1",
+                       "--zeroshot-frequency", "0", "--val-frequency", "0", "--remote-sync", str(blocker / "runs"),
+                       "--remote-sync-protocol", "fsspec")
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert len(err) == 1 and err[0].startswith("error: --remote-sync ") and "first sync failed" in err[0]

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a collective (or the start-up rendezvous) that waits longer fails; gloo names "
                           "the missing rank at checkpoints")
     run.add_argument("--report-to", default="tensorboard",
-                     help="comma-separated: tensorboard, wandb; '' for none")
+                     help="comma-separated: tensorboard, wandb; all: both; none (or ''): neither")
     run.add_argument("--log-every-n-steps", type=int, default=100)
     run.add_argument("--zeroshot-frequency", type=int, default=1)
     run.add_argument("--val-frequency", type=int, default=1)

@@ -8,6 +8,7 @@ run name, as open_clip does).
 """
 import os
 
+from training.interop.open_clip_flags import report_to_names
 from training.logger import TensorBoard
 
 
@@ -45,7 +46,7 @@ class Reporters:
 
 
 def build_reporters(args, run_dir: str, purge_step: int | None) -> Reporters:
-    names = [n for n in (args.report_to or "").split(",") if n]
+    names = report_to_names(args.report_to)
     if not args.is_master:
         return Reporters([])
     reporters = []
