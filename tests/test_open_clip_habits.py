@@ -132,3 +132,56 @@ def test_remote_sync_failing_at_start_up_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: --remote-sync ") and "first sync failed" in err[0]
+
+
+def tensorboard_steps(run_dir, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_logged_steps_and_names_are_open_clips(tmp_path, shards, monkeypatch, single_torch_thread):
+    """Bugs: logged train steps started at 1 (open_clip: 0, and it logs each epoch's first batch, every n-th
+    and the last); wandb rows lacked open_clip's x-axis keys `step` (train) and `epoch` (val), logged at
+    wandb step = the training step and the step count at the epoch's end; validation lacked open_clip's
+    mean and median ranks. The project's own keys (train/step, eval/...) must stay."""
+    from test_open_clip_flags import wandb_history
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = main(tiny_flags(tmp_path, "steps", "--train-num-samples", "16", "--batch-size", "4", "--epochs", "2",
+                              "--log-every-n-steps", "2", "--val-data", shards, "--val-num-samples", "32",
+                              "--zeroshot-frequency", "0", "--report-to", "tensorboard,wandb"))
+    run_dir = tmp_path / "steps"
+    expected = [0, 2, 3, 4, 6, 7]  # open_clip: step = 4 * epoch + i, logged at i = 0, 2 and the last, 3
+    assert tensorboard_steps(run_dir, "train/loss") == expected
+    assert tensorboard_steps(run_dir, "val/image_to_text_mean_rank") == [1, 2]  # x: the epoch
+    rows = wandb_history(run_dir)
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == expected and [r["train/step"] for r in train] == expected
+    assert [r["_step"] for r in train] == expected
+    val = [r for r in rows if "val/clip_val_loss" in r]
+    assert [(r["epoch"], r["_step"]) for r in val] == [(1, 4), (2, 8)]
+    result = summary["results"]
+    for direction in ("image_to_text", "text_to_image"):
+        mean, median = result[f"val/{direction}_mean_rank"], result[f"val/{direction}_median_rank"]
+        assert 1 <= median <= 32 and 1 <= mean <= 32 and median == int(median)
+        assert all(f"val/{direction}_{name}" in val[-1] for name in ("mean_rank", "median_rank", "R@1"))
+
+
+def test_mean_and_median_ranks_match_open_clip_train():
+    """Bug: the ranks computed otherwise than open_clip's (0-based, torch's lower median instead of numpy's
+    mean of the two middle values, or unfloored). Reference: open_clip_train's own get_clip_metrics, on an
+    even number of pairs without ties (where counting ties against the model changes nothing)."""
+    import torch
+    from open_clip_train.train import get_clip_metrics
+    from training.eval.metrics import retrieval_recall
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(64, 16, dtype=torch.float64), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.9 * torch.randn(64, 16, dtype=torch.float64), dim=-1)
+    theirs = get_clip_metrics(images, texts, 1.0)
+    ours = retrieval_recall(images, texts)
+    for direction in ("image_to_text", "text_to_image"):
+        for name in ("mean_rank", "median_rank", "R@1", "R@5"):
+            assert ours[f"{direction}_{name}"] == pytest.approx(float(theirs[f"{direction}_{name}"])), name
+    assert theirs["image_to_text_mean_rank"] > 2  # not a degenerate case: the ranks vary
