@@ -12,9 +12,12 @@ import shutil
 import subprocess
 import threading
 
-from training.startup.user_errors import UserError, one_line
-
 log = logging.getLogger("training")
+
+
+class FirstSyncFailed(ValueError):
+    """The start-up sync failed: the user's target or credentials (a user error: one line, exit 2, as
+    training.startup.user_errors.is_user_error says)."""
 
 
 def sync_fsspec(local_dir: str, remote_dir: str) -> int:
@@ -72,8 +75,9 @@ class RemoteSync:
         try:
             self.run_once()
         except Exception as exc:  # at start-up, as open_clip: the user's target or credentials, one line
-            raise UserError(f"--remote-sync {remote}: the first sync failed ({type(exc).__name__}: "
-                            f"{one_line(exc)}); check the path and credentials") from exc
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise FirstSyncFailed(f"--remote-sync {remote}: the first sync failed ({type(exc).__name__}: "
+                                  f"{reason}); check the path and credentials") from exc
         log.info("remote sync: %s -> %s every %.0f s (%s)", run_dir, remote, self.frequency_s,
                  args.remote_sync_protocol)
         self.thread = threading.Thread(target=self._loop, name="remote-sync", daemon=True)
