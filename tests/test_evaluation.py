@@ -63,18 +63,22 @@ def test_zero_shot_top5_by_hand():
     assert result["top5"] == pytest.approx(2 / 3)
 
 
+def recalls(result: dict) -> dict:
+    return {k: v for k, v in result.items() if "_R@" in k}
+
+
 def test_ties_count_against_the_model():
     # every class scores the same: no class is "predicted", so nothing is right
     assert zero_shot_accuracy(unit([1.0, 0.0]), unit([1.0, 1.0], [1.0, 1.0]), torch.tensor([0]))["top1"] == 0.0
     same = unit([1.0, 0.0], [1.0, 0.0])  # two different captions that embed identically
-    assert retrieval_recall(same, same, ks=(1, 2)) == {
+    assert recalls(retrieval_recall(same, same, ks=(1, 2))) == {
         "image_to_text_R@1": 0.0, "image_to_text_R@2": 1.0, "text_to_image_R@1": 0.0, "text_to_image_R@2": 1.0}
 
 
 def test_nan_embeddings_score_nothing():
     broken = torch.full((2, 3), float("nan"))
     assert zero_shot_accuracy(broken, torch.eye(3), torch.tensor([0, 1]))["top1"] == 0.0
-    assert set(retrieval_recall(broken, broken, ks=(1,)).values()) == {0.0}
+    assert set(recalls(retrieval_recall(broken, broken, ks=(1,))).values()) == {0.0}
     assert math.isnan(clip_loss(broken, broken, 1.0))
 
 
@@ -93,9 +97,12 @@ def test_retrieval_recall_by_hand():
     # image 0 and image 1 each rank their own text 2nd; image 2 1st
     # text 0 -> image 0 first (right); text 1 -> image 0 first, its own image 1 2nd; text 2 -> image 2
     result = retrieval_recall(images, texts, ks=(1, 2, 10))
-    assert result == pytest.approx({"image_to_text_R@1": 1 / 3, "image_to_text_R@2": 1.0, "image_to_text_R@10": 1.0,
+    assert recalls(result) == pytest.approx({"image_to_text_R@1": 1 / 3, "image_to_text_R@2": 1.0, "image_to_text_R@10": 1.0,
                                     "text_to_image_R@1": 2 / 3, "text_to_image_R@2": 1.0, "text_to_image_R@10": 1.0})
     assert all(isinstance(v, float) for v in result.values())
+    # open_clip's ranks (1 = first): images 2, 2, 1; texts 1, 2, 1
+    assert result["image_to_text_mean_rank"] == pytest.approx(5 / 3) and result["image_to_text_median_rank"] == 2
+    assert result["text_to_image_mean_rank"] == pytest.approx(4 / 3) and result["text_to_image_median_rank"] == 1
 
 
 def test_identical_captions_match_each_other():
@@ -105,7 +112,7 @@ def test_identical_captions_match_each_other():
     assert caption_groups(tokens).tolist()[0] == caption_groups(tokens).tolist()[1]
     assert retrieval_recall(images, texts, ks=(1,))["image_to_text_R@1"] == pytest.approx(1 / 3)  # a tie: wrong
     grouped = retrieval_recall(images, texts, caption_groups(tokens), ks=(1,))
-    assert grouped == {"image_to_text_R@1": 1.0, "text_to_image_R@1": 1.0}
+    assert recalls(grouped) == {"image_to_text_R@1": 1.0, "text_to_image_R@1": 1.0}
 
 
 def test_clip_loss_by_hand():
@@ -193,6 +200,8 @@ def test_evaluate_writes_one_results_line_with_expected_keys(in_process, tiny):
     expected |= {f"builtin/{t}/top1" for t in TASKS}
     expected |= {f"{p}/{d}_R@{k}" for p in ("builtin/retrieval", "val") for d in ("image_to_text", "text_to_image")
                  for k in (1, 5, 10)}
+    expected |= {f"{p}/{d}_{r}_rank" for p in ("builtin/retrieval", "val") for d in ("image_to_text", "text_to_image")
+                 for r in ("mean", "median")}  # open_clip's ranks
     expected |= {"builtin/retrieval/clip_loss", "val/clip_loss"}
     assert set(result) == expected
     with open(os.path.join(in_process.run_dir, "checkpoints", "results.jsonl")) as f:
@@ -200,7 +209,9 @@ def test_evaluate_writes_one_results_line_with_expected_keys(in_process, tiny):
     assert lines == [result] and result["epoch"] == 1
     for key, value in result.items():
         assert isinstance(value, (int, float))
-        if key != "epoch" and not key.endswith("clip_loss"):
+        if key.endswith("_rank"):  # 1 = first, of 100 built-in pairs or 6 validation pairs
+            assert 1.0 <= value <= 100.0, key
+        elif key != "epoch" and not key.endswith("clip_loss"):
             assert 0.0 <= value <= 1.0, key
     assert result["builtin/mean_top1"] == pytest.approx(sum(result[f"builtin/{t}/top1"] for t in TASKS) / 6)
     assert 0.03 <= result["builtin/colour/top1"] <= 0.3  # 8 classes: chance is 0.125

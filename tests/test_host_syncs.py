@@ -98,7 +98,7 @@ def run_steps(family: str, device: torch.device, mark, flags=None, precision="fp
     if flags is not None:  # a variant the benchmark does not name
         spec = type(spec)(spec.key, spec.family, spec.label, tuple(flags))
     args = build_args(spec, "neuclip-tiny", BATCH, precision, BATCH * STEPS, device)
-    args.log_every_n_steps = STEPS  # steps 1 and 2 are not logging steps, step 3 is
+    args.log_every_n_steps = STEPS  # open_clip's cadence: step 1 (the epoch's first) and 3 log, step 2 does not
     method = build_method(args.method, args, model).to(device)
     optimizer = build_optimizer(model, method, args)
     scheduler = LRScheduler(optimizer, args, STEPS)
@@ -126,7 +126,7 @@ def test_a_non_logging_step_makes_no_host_sync(family, flags, single_torch_threa
     — each stalls a CUDA pipeline once per step. The logging step must read (else the test counts nothing)."""
     counts, where = per_step_syncs(family, flags)
     assert len(counts) == STEPS
-    assert counts[0] == 0 and counts[1] == 0, f"host syncs in non-logging steps: {where[0] + where[1]}"
+    assert counts[1] == 0, f"host syncs in a non-logging step: {where[1]}"
     assert counts[2] > 0, "the logging step read nothing back: the counter does not see syncs"
 
 

@@ -151,7 +151,7 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
         batch_time.add(time.perf_counter() - end)
         end = time.perf_counter()
         last = i + 1 == steps_this_epoch
-        if state.step % args.log_every_n_steps == 0 or last:
+        if i % args.log_every_n_steps == 0 or last:  # open_clip's: each epoch's first batch, every n-th, its last
             _check_nonfinite_limit(state, args)
             terms = _mean_over_ranks(out.terms)  # collective: every rank takes part
             if args.is_master:
@@ -342,4 +342,4 @@ def _log_step(state, epoch, batch_in_epoch, steps_this_epoch, terms, lrs, raw_mo
                          "data_time": data_time.avg, "batch_time": batch_time.avg,
                          "samples_per_second": samples_per_s,
                          "samples_per_second_per_gpu": samples_per_s / args.world_size, "skipped_samples": skipped,
-                         "nonfinite_steps": state.skipped_nonfinite}, state.step)
+                         "nonfinite_steps": state.skipped_nonfinite}, state.step - 1)  # open_clip's step: from 0

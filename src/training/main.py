@@ -59,7 +59,7 @@ from training.interop.reporting import build_reporters
 from training.logger import record_in_log_files, setup_logging
 from training.loop import TrainState, train_one_epoch
 from training.optim import build_optimizer
-from training.params import parse_args, resolve_precision, schedule_numbers
+from training.params import SYNTHETIC_DEFAULT_SAMPLES, parse_args, resolve_precision, schedule_numbers
 from training.preemption import Preempted, StepCheckpoints, StopSignals
 from training.scheduler import LRScheduler
 from training import progress
@@ -119,15 +119,22 @@ def write_params(args, run_dir: str) -> None:
 
 
 def fill_data_defaults(args) -> None:
-    """The built-in synthetic data set when no --train-data is given."""
+    """The built-in synthetic data set when no --train-data is given; its size is --train-num-samples, as
+    open_clip's synthetic data set's (--synthetic-num-samples is this project's spelling)."""
     if args.train_data is None and args.dataset_type in ("auto", "synthetic"):
         args.dataset_type = "synthetic"
-        if args.train_num_samples is None:
-            args.train_num_samples = args.synthetic_num_samples
+        sizes = {n for n in (args.train_num_samples, args.synthetic_num_samples) if n is not None}
+        if len(sizes) > 1:
+            raise UserError(f"--train-num-samples {args.train_num_samples} and --synthetic-num-samples "
+                            f"{args.synthetic_num_samples} both size the synthetic data set: give one")
+        args.train_num_samples = sizes.pop() if sizes else SYNTHETIC_DEFAULT_SAMPLES
+        args.synthetic_num_samples = args.train_num_samples
         if args.data_size < 0:
             args.data_size = args.synthetic_num_samples
     elif args.train_data is None:
         raise UserError(f"--dataset-type {args.dataset_type} needs --train-data")
+    if args.synthetic_num_samples is None:  # unused without the synthetic set; params.txt keeps one value
+        args.synthetic_num_samples = SYNTHETIC_DEFAULT_SAMPLES
     if args.uses_per_sample_state and args.data_size < 1:
         raise UserError("this method keeps per-sample state indexed by sample key: set --data_size to the "
                          "largest key + 1 (for img2dataset shards: number of shards x 10000)")
@@ -254,14 +261,17 @@ def train(args, info, signals: StopSignals) -> dict:
     control = StepCheckpoints(args, signals, lambda position: checkpoints.save_iter(state, position), info.device)
     last_epoch = args.epochs if args.stop_epochs < 0 else min(args.epochs, args.stop_epochs)
     schedule_checks.warn_if_complete(args, start_epoch, last_epoch)
-    results = {}
+    results, stopped_in_eval = {}, False
+    stop_requested = lambda: signals.code != 0  # noqa: E731  (evaluation checks it between batches)
     if start_batch == 0 and broadcast_object(args.is_master and evaluation_missing(run_dir, start_epoch, args)):
         log.info("epoch %d's evaluation is missing from results.jsonl (the previous launch stopped during it): "
                  "evaluating before training on", start_epoch)
-        results = evaluate(model, data, start_epoch, args, tokenizer, preprocess_val, tb, run_dir) or results
+        results = evaluate(model, data, start_epoch, args, tokenizer, preprocess_val, tb, run_dir,
+                           stop_requested) or results
+        stopped_in_eval = broadcast_object(bool(signals.code)) and control.at_epoch_end(state.step, start_epoch)
     control = progress.wrap(args, control, total_steps=steps_per_epoch * last_epoch, start_step=state.step,
                             samples_per_step=numbers["global_batch"])
-    for epoch in range(start_epoch, last_epoch):
+    for epoch in range(start_epoch, start_epoch if stopped_in_eval else last_epoch):
         data["train"].set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         method.on_epoch_start(epoch)
         if train_one_epoch(model=ddp_model, method=method, data=data["train"], optimizer=optimizer,
@@ -272,8 +282,11 @@ def train(args, info, signals: StopSignals) -> dict:
         written = checkpoints.save_epoch(completed, state)
         if written:  # upstream DataComp finds the checkpoint through info.pkl
             write_info_pkl(run_dir, args.model, written[-1])
-        results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir) or results
-        if completed < last_epoch and control.at_epoch_end(state.step, completed):
+        results = evaluate(model, data, completed, args, tokenizer, preprocess_val, tb, run_dir,
+                           stop_requested) or results
+        # after the last epoch too when rank 0 was signalled: its evaluation may have stopped part-way
+        if (completed < last_epoch or broadcast_object(bool(signals.code))) \
+                and control.at_epoch_end(state.step, completed):
             break
     progress.close_all()
     tb.close()

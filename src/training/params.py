@@ -16,6 +16,7 @@ from training.interop.open_clip_flags import add_open_clip_flags, validate_open_
 PRECISIONS = ("auto", "fp32", "bf16", "amp", "amp_bf16", "amp_bfloat16", "fp16", "pure_bf16", "pure_fp16")
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable", "individual_constant")
 ESTIMATORS = ("moving_average", "minibatch", "npn", "amorlip")
+SYNTHETIC_DEFAULT_SAMPLES = 20000
 
 
 def _both(name: str) -> list[str]:
@@ -41,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--csv-separator", default="\t")
     data.add_argument("--csv-img-key", default="filepath")
     data.add_argument("--csv-caption-key", default="title")
-    data.add_argument("--synthetic-num-samples", type=int, default=20000,
-                      help="size of the built-in synthetic data set (--dataset-type synthetic)")
+    data.add_argument("--synthetic-num-samples", type=int, default=None,
+                      help="size of the built-in synthetic data set (default: --train-num-samples, as "
+                           f"open_clip's synthetic data set, else {SYNTHETIC_DEFAULT_SAMPLES})")
     data.add_argument("--synthetic-seed", type=int, default=0)
     data.add_argument("--imagenet-val", default=None, help="ImageFolder for zero-shot evaluation")
     data.add_argument("--no-train-augmentation", action="store_true",
@@ -112,10 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a collective (or the start-up rendezvous) that waits longer fails; gloo names "
                           "the missing rank at checkpoints")
     run.add_argument("--report-to", default="tensorboard",
-                     help="comma-separated: tensorboard, wandb; '' for none")
+                     help="comma-separated: tensorboard, wandb; all: both; none (or ''): neither")
     run.add_argument("--log-every-n-steps", type=int, default=100)
     run.add_argument("--zeroshot-frequency", type=int, default=1)
     run.add_argument("--val-frequency", type=int, default=1)
+    run.add_argument("--builtin-eval", action=argparse.BooleanOptionalAction, default=None,
+                     help="the built-in shapes evaluation (builtin/ results) at --zeroshot/--val-frequency "
+                          "(default: only when training on the built-in synthetic data set)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads per rank (default: OMP_NUM_THREADS if set, else this rank's "
                           "cores minus one per data-loader worker; training.startup.threads)")

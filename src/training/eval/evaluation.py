@@ -1,7 +1,12 @@
 """Evaluation: zero-shot classification, per-image candidate choice, retrieval and the CLIP loss.
 
 `evaluate(...)` runs after every epoch of training (main.py calls it on every rank); the standalone
-`python -m training.eval.evaluate` reuses the same functions on a saved checkpoint.
+`python -m training.eval.evaluate` reuses the same functions on a saved checkpoint. In training, the
+built-in shapes evaluation runs only on the built-in data set or with --builtin-eval (on the user's data
+its numbers mean nothing, and rank 0 would spend minutes on them while the others wait); --val-data and
+--imagenet-val are evaluated when given, as open_clip does. Rank 0's part checks the stop flag
+(training.preemption.StopSignals) between batches: a signal stops it within a batch, and the evaluation
+is made up when the run is launched again (`evaluation_missing`).
 
 The metrics themselves (ties count against the model; identical captions match each other) are in
 training.eval.metrics.
@@ -42,12 +47,21 @@ Progress = Callable[[int], object] | None  # called with the number of images ju
 
 # ------------------------------------------------------------------------------------ encoders
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived during the evaluation (EvalSettings.should_stop)."""
+
+
 @dataclass
 class EvalSettings:
     device: torch.device
     precision: str = "fp32"
     batch_size: int = 256
     workers: int = 0
+    should_stop: Callable[[], bool] | None = None  # checked before every batch
+
+    def check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise EvaluationStopped
 
     @classmethod
     def from_args(cls, args) -> "EvalSettings":
@@ -64,6 +78,7 @@ def encode_images(model, batches: Iterable[torch.Tensor], settings: EvalSettings
                   progress: Progress = None) -> torch.Tensor:
     dtype, features = _input_dtype(model), []
     for images in batches:
+        settings.check_stop()
         with autocast(settings.precision, settings.device):
             features.append(model.encode_image(images.to(settings.device, dtype), normalize=True).float())
         if progress is not None:
@@ -75,6 +90,7 @@ def encode_images(model, batches: Iterable[torch.Tensor], settings: EvalSettings
 def encode_texts(model, tokens: torch.Tensor, settings: EvalSettings) -> torch.Tensor:
     features = []
     for start in range(0, tokens.shape[0], settings.batch_size):
+        settings.check_stop()
         with autocast(settings.precision, settings.device):
             features.append(model.encode_text(tokens[start:start + settings.batch_size].to(settings.device),
                                               normalize=True).float())
@@ -246,12 +262,24 @@ def _due(epoch: int, frequency: int, last_epoch: int) -> bool:
     return frequency > 0 and (epoch % frequency == 0 or epoch == last_epoch)
 
 
+def builtin_eval_on(args) -> bool:
+    """--builtin-eval, by default on only when training on the built-in synthetic data set."""
+    asked = getattr(args, "builtin_eval", None)
+    return asked if asked is not None else args.dataset_type == "synthetic"
+
+
+def due_parts(epoch: int, args, has_val: bool) -> tuple[bool, bool]:
+    """(zero-shot due, validation due) after epoch `epoch`: due by frequency and something to evaluate."""
+    builtin = builtin_eval_on(args)
+    return (_due(epoch, args.zeroshot_frequency, args.epochs) and (builtin or bool(args.imagenet_val)),
+            _due(epoch, args.val_frequency, args.epochs) and (builtin or has_val))
+
+
 def evaluation_missing(run_dir: str, epoch: int, args) -> bool:
     """True when an evaluation is due after epoch `epoch` and results.jsonl has no line of it: the launch
     that finished the epoch (and checkpointed it) was killed before its evaluation ended, and nothing else
     would ever run it. Lines with a "step" are the estimation error's, not evaluate's."""
-    if epoch < 1 or not (_due(epoch, args.zeroshot_frequency, args.epochs) or
-                         _due(epoch, args.val_frequency, args.epochs)):
+    if epoch < 1 or not any(due_parts(epoch, args, bool(getattr(args, "val_data", None)))):
         return False
     try:
         with open(os.path.join(run_dir, "checkpoints", "results.jsonl"), encoding="utf-8") as f:
@@ -278,34 +306,31 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def evaluate(model, data: dict, epoch: int, args, tokenizer, preprocess_val, tb=None, run_dir: str | None = None
-             ) -> dict:
+def evaluate(model, data: dict, epoch: int, args, tokenizer, preprocess_val, tb=None, run_dir: str | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict:
     """After epoch `epoch` (1-based): zero-shot every --zeroshot-frequency epochs, retrieval and
     CLIP loss every --val-frequency epochs, both at the last epoch. Call on every rank (the
     validation set is sharded over ranks and gathered); rank 0 returns {"epoch": N, **metrics}, logs
     them, writes them to TensorBoard under eval/ and appends them to checkpoints/results.jsonl;
-    the other ranks return {}."""
-    zero_shot_due = _due(epoch, args.zeroshot_frequency, args.epochs)
-    val_due = _due(epoch, args.val_frequency, args.epochs)
+    the other ranks return {}. When `should_stop()` turns true during rank 0's part, it stops there and
+    returns {} without a results line."""
+    zero_shot_due, val_due = due_parts(epoch, args, "val" in data)
     if not (zero_shot_due or val_due):
         return {}
     settings, seed, start = EvalSettings.from_args(args), args.synthetic_seed, time.perf_counter()
-    metrics = {}
     with eval_mode(model), torch.no_grad():
+        # every rank encodes its shard of the validation set and gathers: no rank may leave early
         val = gather_pairs(model, data["val"].dataloader, settings) if val_due and "val" in data else None
         if not args.is_master:
             return {}
-        if zero_shot_due:
-            metrics |= evaluate_builtin_zero_shot(model, tokenizer, preprocess_val, settings, seed)
-            if args.imagenet_val:
-                metrics |= {f"imagenet/{k}": v for k, v in
-                            evaluate_imagefolder(model, tokenizer, preprocess_val, args.imagenet_val, settings).items()}
-        if val_due:
-            metrics |= evaluate_builtin_retrieval(model, tokenizer, preprocess_val, settings, seed)
-        if val is not None and val[0].shape[0] == 0:
-            log.warning("Eval Epoch: %d: the validation set yielded no samples", epoch)
-        elif val is not None:
-            metrics |= {f"val/{k}": v for k, v in pair_metrics(*val[:3], _logit_scale(model)).items()}
+        settings.should_stop = should_stop
+        try:
+            metrics = _rank_0_metrics(model, tokenizer, preprocess_val, args, settings, seed, zero_shot_due,
+                                      val_due, val, epoch)
+        except EvaluationStopped:
+            log.warning("Eval Epoch: %d stopped by a signal after %.1f s: it runs when the run is launched "
+                        "again", epoch, time.perf_counter() - start)
+            return {}
     log.info("Eval Epoch: %d (%.1f s%s) %s", epoch, time.perf_counter() - start,
              f", {val[0].shape[0]} val samples" if val is not None else "",
              "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
@@ -318,3 +343,21 @@ def evaluate(model, data: dict, epoch: int, args, tokenizer, preprocess_val, tb=
         with open(os.path.join(run_dir, "checkpoints", "results.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     return record
+
+
+def _rank_0_metrics(model, tokenizer, preprocess_val, args, settings: EvalSettings, seed: int, zero_shot_due: bool,
+                    val_due: bool, val, epoch: int) -> dict:
+    metrics, builtin = {}, builtin_eval_on(args)
+    if zero_shot_due:
+        if builtin:
+            metrics |= evaluate_builtin_zero_shot(model, tokenizer, preprocess_val, settings, seed)
+        if args.imagenet_val:
+            metrics |= {f"imagenet/{k}": v for k, v in
+                        evaluate_imagefolder(model, tokenizer, preprocess_val, args.imagenet_val, settings).items()}
+    if val_due and builtin:
+        metrics |= evaluate_builtin_retrieval(model, tokenizer, preprocess_val, settings, seed)
+    if val is not None and val[0].shape[0] == 0:
+        log.warning("Eval Epoch: %d: the validation set yielded no samples", epoch)
+    elif val is not None:
+        metrics |= {f"val/{k}": v for k, v in pair_metrics(*val[:3], _logit_scale(model)).items()}
+    return metrics

@@ -1,4 +1,5 @@
-"""Evaluation metrics on embeddings: zero-shot accuracy, per-image candidate choice, retrieval recall, the CLIP loss.
+"""Evaluation metrics on embeddings: zero-shot accuracy, per-image candidate choice, retrieval recall and
+ranks, the CLIP loss.
 
 Metric functions take embeddings (normalised inside) and return Python floats computed with torch
 (open_clip's and clip-benchmark's `accuracy` call `float()` on a 1-element array, which numpy ≥ 2.4
@@ -74,7 +75,18 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: to
                                                   groups[s:s + chunk, None] == groups[None, :])
                            for s in range(0, n, chunk)])
         out |= {f"{direction}_R@{k}": _fraction(ahead < k) for k in ks}
+        out |= rank_summary(ahead, direction)
     return out
+
+
+def rank_summary(ahead: torch.Tensor, direction: str) -> dict[str, float]:
+    """open_clip's mean and median rank (1 = first); its median is numpy's (the mean of the two middle
+    values), floored. Ties count against the model, as everywhere here."""
+    if not ahead.numel():
+        return {f"{direction}_mean_rank": float("nan"), f"{direction}_median_rank": float("nan")}
+    ranks = ahead.double()
+    return {f"{direction}_mean_rank": ranks.mean().item() + 1,
+            f"{direction}_median_rank": torch.quantile(ranks, 0.5).floor().item() + 1}
 
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float,

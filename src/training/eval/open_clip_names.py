@@ -3,10 +3,8 @@ find them: TensorBoard/wandb `val/...` beside this project's `eval/...` (which s
 
     imagenet/top1, imagenet/top5      -> imagenet-zeroshot-val-top1, imagenet-zeroshot-val-top5
     val/clip_loss                     -> clip_val_loss
-    val/{image_to_text,text_to_image}_R@{1,5,10} -> the same without the val/ prefix
+    val/{image_to_text,text_to_image}_{R@{1,5,10},mean_rank,median_rank} -> the same without the val/ prefix
     plus epoch (and num_samples when the validation set was evaluated)
-
-Not produced: open_clip's mean/median ranks (this evaluator does not compute them).
 """
 
 _RENAMES = {"imagenet/top1": "imagenet-zeroshot-val-top1", "imagenet/top5": "imagenet-zeroshot-val-top5",
@@ -18,7 +16,7 @@ def open_clip_val_names(metrics: dict, epoch: int, num_samples: int | None = Non
     for name, value in metrics.items():
         if name in _RENAMES:
             out[_RENAMES[name]] = value
-        elif name.startswith("val/") and "_R@" in name:
+        elif name.startswith("val/") and ("_R@" in name or name.endswith("_rank")):
             out[name.removeprefix("val/")] = value
     if not out:
         return {}

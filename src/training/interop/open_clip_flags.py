@@ -127,6 +127,17 @@ def apply_logging_flags(args, run_dir: str) -> None:
         root.addHandler(handler)
 
 
+def report_to_names(value: str | None) -> list[str]:
+    """--report-to as open_clip reads it: comma-separated tensorboard/wandb, 'all' for both, 'none' or ''
+    for neither. A name open_clip does not know is refused (open_clip would silently report nothing)."""
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in (*REPORTERS, "all", "none")]
+    if unknown:
+        raise ValueError(f"--report-to {','.join(unknown)}: choose from {','.join(REPORTERS)} (comma-separated), "
+                         "'all', or 'none'")
+    return [r for r in REPORTERS if r in names or "all" in names]
+
+
 def is_project_config(model_name: str) -> bool:
     from training import MODEL_CONFIG_DIR
     return (MODEL_CONFIG_DIR / f"{model_name}.json").is_file()
@@ -150,11 +161,7 @@ def validate_open_clip_flags(args) -> None:
         args.lr_scheduler, args.lr_tau_scheduler, args.warmup = "const", "const", 0
     if args.precision == "amp_bfloat16":
         args.precision = "amp_bf16"  # open_clip's other spelling
-    reporters = [r for r in (args.report_to or "").split(",") if r]
-    unknown = [r for r in reporters if r not in REPORTERS]
-    if unknown:
-        raise ValueError(f"--report-to {','.join(unknown)}: choose from {','.join(REPORTERS)} (comma-separated), "
-                         "or '' for none")
+    reporters = report_to_names(args.report_to)
     if "wandb" in reporters and importlib.util.find_spec("wandb") is None:
         raise ValueError("--report-to wandb needs the wandb package: pip install wandb (or drop wandb)")
     if args.loss_dist_impl is not None and not args.siglip:

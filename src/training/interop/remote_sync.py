@@ -2,8 +2,9 @@
 with open_clip_train's meanings: protocol `s3` runs `aws s3 sync`, `fsspec` copies every file whose remote
 copy is missing or of another size through fsspec (any fsspec URL: s3://, gs://, a local path, ...).
 
-Rank 0 only. Like open_clip, the first sync runs at start-up and a failure stops the run there; later
-failures are logged and retried at the next period. Files are uploaded whole, checkpoints included.
+Rank 0 only. Like open_clip, the first sync runs at start-up and a failure stops the run there (one line,
+exit 2); later failures are logged (one line) and retried at the next period. Files are uploaded whole,
+checkpoints included.
 """
 import logging
 import os
@@ -12,6 +13,11 @@ import subprocess
 import threading
 
 log = logging.getLogger("training")
+
+
+class FirstSyncFailed(ValueError):
+    """The start-up sync failed: the user's target or credentials (a user error: one line, exit 2, as
+    training.startup.user_errors.is_user_error says)."""
 
 
 def sync_fsspec(local_dir: str, remote_dir: str) -> int:
@@ -68,9 +74,10 @@ class RemoteSync:
         self = cls(run_dir, remote, args.remote_sync_protocol, args.remote_sync_frequency)
         try:
             self.run_once()
-        except Exception as exc:
-            raise RuntimeError(f"--remote-sync {remote}: the first sync failed ({exc}); check the path and "
-                               "credentials") from exc
+        except Exception as exc:  # at start-up, as open_clip: the user's target or credentials, one line
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise FirstSyncFailed(f"--remote-sync {remote}: the first sync failed ({type(exc).__name__}: "
+                                  f"{reason}); check the path and credentials") from exc
         log.info("remote sync: %s -> %s every %.0f s (%s)", run_dir, remote, self.frequency_s,
                  args.remote_sync_protocol)
         self.thread = threading.Thread(target=self._loop, name="remote-sync", daemon=True)

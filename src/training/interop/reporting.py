@@ -8,11 +8,19 @@ run name, as open_clip does).
 """
 import os
 
+from training.interop.open_clip_flags import report_to_names
 from training.logger import TensorBoard
+
+EPOCH_INDEXED = ("eval", "val")  # evaluation results: x is the epoch
 
 
 class Wandb:
-    def __init__(self, args, run_dir: str, resuming: bool):
+    """open_clip's layout: train/ rows carry `step` and are logged at wandb step = the training step; eval/
+    and val/ rows carry `epoch` and are logged at the step count at the epoch's end. The project's own
+    x-axis keys (train/step, eval/step, val/step, diag/step) stay beside them."""
+
+    def __init__(self, args, run_dir: str, resuming: bool, steps_done: int = 0):
+        self.steps_done = steps_done  # training steps logged so far: the wandb step of an epoch's results
         import wandb  # optional dependency: only runs that report to wandb need it
         self.wandb = wandb
         self.run = wandb.init(project=args.wandb_project_name, name=args.name, id=args.name, notes=args.wandb_notes,
@@ -21,9 +29,16 @@ class Wandb:
                               resume="allow" if resuming else None, tags=[args.method])
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
-        # Each prefix has its own x-axis (train: steps, eval: epochs), so wandb's own step is not used:
-        # it must only grow, and an epoch-indexed point after a step-indexed one would be dropped.
-        self.run.log({**{f"{prefix}/{name}": float(v) for name, v in values.items()}, f"{prefix}/step": step})
+        # wandb's own step must only grow: step-indexed rows at their step, epoch-indexed ones at the steps
+        # done by then (open_clip's num_batches_per_epoch * epoch), which no later train row precedes.
+        row = {**{f"{prefix}/{name}": float(v) for name, v in values.items()}, f"{prefix}/step": step}
+        if prefix in EPOCH_INDEXED:
+            self.run.log({**row, "epoch": step}, step=self.steps_done)
+            return
+        if prefix == "train":
+            row["step"] = step
+            self.steps_done = max(self.steps_done, step + 1)
+        self.run.log(row, step=max(step, self.steps_done - 1))
 
     def close(self) -> None:
         self.run.finish()
@@ -45,12 +60,12 @@ class Reporters:
 
 
 def build_reporters(args, run_dir: str, purge_step: int | None) -> Reporters:
-    names = [n for n in (args.report_to or "").split(",") if n]
+    names = report_to_names(args.report_to)
     if not args.is_master:
         return Reporters([])
     reporters = []
     if "tensorboard" in names:
         reporters.append(TensorBoard(os.path.join(run_dir, "tensorboard"), purge_step=purge_step))
     if "wandb" in names:
-        reporters.append(Wandb(args, run_dir, resuming=bool(purge_step)))
+        reporters.append(Wandb(args, run_dir, resuming=bool(purge_step), steps_done=purge_step or 0))
     return Reporters(reporters)

@@ -64,12 +64,16 @@ def flag_spelling(dest: str) -> str:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    # DataConfigError (training.data.checks) is the data pipeline's user error; imported lazily, since
-    # this module is used before torch is.
+    # DataConfigError (training.data.checks) is the data pipeline's user error, FirstSyncFailed
+    # (training.interop.remote_sync) --remote-sync's; looked up lazily, since this module is used before
+    # torch is and the others import it.
     if isinstance(exc, UserError):
         return True
     checks = sys.modules.get("training.data.checks")
-    return checks is not None and isinstance(exc, checks.DataConfigError)
+    if checks is not None and isinstance(exc, checks.DataConfigError):
+        return True
+    sync = sys.modules.get("training.interop.remote_sync")  # --remote-sync's first sync (its target)
+    return sync is not None and isinstance(exc, sync.FirstSyncFailed)
 
 
 def one_line(exc: BaseException) -> str:
