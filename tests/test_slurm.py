@@ -119,8 +119,8 @@ def finished(job_id: str, timeout: float = 300.0) -> dict:
 
 
 def losses_by_step(run_dir: Path) -> dict:
-    """train/loss of every step, later launches overriding earlier ones (a resume rewrites the steps after
-    its checkpoint)."""
+    """train/loss of every step (TensorBoard numbers them from 0, as open_clip does), later launches
+    overriding earlier ones (a resume rewrites the steps after its checkpoint)."""
     merged = {}
     for launch in tensorboard_losses(run_dir):
         merged.update(launch)
@@ -159,8 +159,8 @@ def test_usr1_before_the_time_limit_requeues_and_the_job_resumes_to_uninterrupte
     losses = losses_by_step(run_dir)
     (base_dir,) = (tmp_path / "base").iterdir()
     baseline = losses_by_step(base_dir)
-    assert sorted(losses) == sorted(baseline) == list(range(1, STEPS + 1))
-    assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx([baseline[s] for s in range(1, STEPS + 1)],
+    assert sorted(losses) == sorted(baseline) == list(range(STEPS))
+    assert [losses[s] for s in range(STEPS)] == pytest.approx([baseline[s] for s in range(STEPS)],
                                                                       rel=1e-6)
     print(f"USR1 -> resumed training: {resumed_after:.0f} s (requeue start moved to now)")
 
@@ -220,7 +220,7 @@ def test_preemption_requeue_and_scancel_checkpoint_and_resume(slurm, shards, tmp
         assert end["JobState"] == "COMPLETED", (tmp_path / f"{name}.log").read_text()[-3000:]
         [(ckpt, step)] = resumed_from(out_log)
         assert ckpt == f"iter_{step}.pt" and step >= 5
-        assert sorted(losses_by_step(tmp_path / "logs" / name)) == list(range(1, STEPS + 1))
+        assert sorted(losses_by_step(tmp_path / "logs" / name)) == list(range(STEPS))
     assert int(stopped.group(1)) == resumed_from(tmp_path / "logs" / "cancelled" / "out.log")[0][1]
 
 
@@ -273,7 +273,7 @@ def test_array_of_two_runs_gives_two_folders_each_resumable(slurm, shards, tmp_p
         end = finished(f"{array}_{t}")
         assert end["JobState"] == "COMPLETED", (tmp_path / f"array_{t}.log").read_text()[-3000:]
         assert end["Restarts"] == str(t)
-        assert sorted(losses_by_step(folder)) == list(range(1, STEPS + 1))
+        assert sorted(losses_by_step(folder)) == list(range(STEPS))
     assert resumed_from(folders[0] / "out.log") == []
     [(ckpt, step)] = resumed_from(folders[1] / "out.log")
     assert ckpt == f"iter_{step}.pt"
@@ -309,4 +309,4 @@ def test_submitit_launcher_checkpoints_requeues_through_its_hook_and_resumes(slu
     stopped = re.search(r"SIGUSR1 received: stopping at step (\d+)", out_log)
     assert stopped and stopped.start() < out_log.index("Caught signal SIGUSR1")
     assert resumed_from(run_dir / "out.log") == [(f"iter_{stopped.group(1)}.pt", int(stopped.group(1)))]
-    assert sorted(losses_by_step(run_dir)) == list(range(1, STEPS + 1))
+    assert sorted(losses_by_step(run_dir)) == list(range(STEPS))
