@@ -41,12 +41,15 @@ fi
 SHARDS=$(python -c "import json; print(json.load(open('$DATA/info.json'))['pattern'])")
 
 # --train-num-samples must match the folder: the trainer refuses a mismatch with its info.json.
+# --builtin-eval: these shards are the built-in data set, so its held-out evaluation applies (on other
+# --train-data the trainer evaluates only --val-data / --imagenet-val, as open_clip does).
 STATUS=0
 PYTHONPATH=src python -u src/training/main.py \
     --train-data "$SHARDS" --train-num-samples "$SAMPLES" --data_size "$SAMPLES" \
     --model neuclip-tiny --batch-size 64 --epochs "$EPOCHS" --workers "$WORKERS" --warmup 100 \
     --lr 2e-3 --wd 0.1 --precision fp32 --name "$NAME" --save-most-recent --log-every-n-steps 50 \
     --est-err-every 100 --est-err-samples 1024 \
+    --builtin-eval \
     --local-loss \
     --fastclip --multiply_tau --temperature_scheme global_learnable --temperature 0.07 \
     --lr_tau 2.5e-4 --lr_tau_scheduler step_thresh --rho 6.5 --fastclip_eps 1e-6 \
