@@ -103,6 +103,11 @@ def wait_for(condition, what: str, timeout: float = 240.0, every: float = 0.2):
         time.sleep(every)
 
 
+def the_run_folder(logs: Path) -> Path:
+    """The one run folder a job without --name creates under `logs`, once it exists."""
+    return logs / wait_for(lambda: next(iter(os.listdir(logs)), None) if logs.exists() else None, "the run folder")
+
+
 def log_has(path: Path, pattern: str):
     return lambda: path.exists() and re.search(pattern, path.read_text())
 
@@ -139,8 +144,7 @@ def test_usr1_before_the_time_limit_requeues_and_the_job_resumes_to_uninterrupte
     base_flags = train_flags(shards, tmp_path / "base", *NEUCLIP)
     run = sbatch("-o", tmp_path / "job.log", user_job_script(tmp_path / "job.sh", flags))
     base = sbatch("-o", tmp_path / "base.log", user_job_script(tmp_path / "base.sh", base_flags))
-    run_dir = tmp_path / "logs" / wait_for(lambda: next(iter(os.listdir(tmp_path / "logs")), None)
-                                           if (tmp_path / "logs").exists() else None, "the run folder")
+    run_dir = the_run_folder(tmp_path / "logs")
     assert run_dir.name.startswith(f"slurm_{run}-npn-")
     wait_for(log_has(run_dir / "out.log", r"Train Epoch: 0 \[5/"), "step 5")
     subprocess.run(["scancel", "--signal=USR1", run], check=True, timeout=30)
@@ -292,8 +296,7 @@ def test_submitit_launcher_checkpoints_requeues_through_its_hook_and_resumes(slu
                                capture_output=True, text=True, env=environment(), timeout=120, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.split()[-1]
-    run_dir = tmp_path / "logs" / wait_for(lambda: next(iter(os.listdir(tmp_path / "logs")), None)
-                                           if (tmp_path / "logs").exists() else None, "the run folder")
+    run_dir = the_run_folder(tmp_path / "logs")
     assert run_dir.name.startswith(f"slurm_{job_id}-")
     wait_for(log_has(run_dir / "out.log", r"Train Epoch: 0 \[5/"), "step 5")
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
