@@ -1,15 +1,11 @@
-"""Batch arithmetic, written once: how many pairs one loss contrasts and how many samples one step consumes.
+"""The global batch, written once.
 
 Ground floor: imports nothing from the project, so flags, checks, loop, checkpoint and benchmark can all use it.
 """
 
 
-def contrast_batch(args) -> int:
-    """Pairs one loss evaluation contrasts: one micro-batch of --batch-size per rank, gathered over the ranks.
-    With --accum-freq k each of the k micro-batches is contrasted on its own (k does not enlarge it)."""
-    return args.batch_size * args.world_size
-
-
 def global_batch(args) -> int:
-    """Samples one optimizer step consumes: the contrasted batch times --accum-freq micro-batches per step."""
-    return contrast_batch(args) * getattr(args, "accum_freq", 1)
+    """Samples one optimizer step consumes, and the batch every method's loss contrasts: --batch-size per
+    rank, gathered over the ranks, times --accum-freq micro-batches (the loop encodes all k micro-batches
+    first and contrasts each against the whole step's batch: training.loop._compute_gradients)."""
+    return args.batch_size * args.world_size * getattr(args, "accum_freq", 1)
