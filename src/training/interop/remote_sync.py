@@ -17,7 +17,7 @@ log = logging.getLogger("training")
 
 class FirstSyncFailed(ValueError):
     """The start-up sync failed: the user's target or credentials (a user error: one line, exit 2, as
-    training.startup.user_errors.is_user_error says)."""
+    training.errors.is_user_error says)."""
 
 
 def sync_fsspec(local_dir: str, remote_dir: str) -> int:
