@@ -9,7 +9,6 @@ can raise these without importing each other.
 from __future__ import annotations
 
 import re
-import sys
 
 
 class UserError(ValueError):
@@ -60,16 +59,10 @@ def flag_spelling(dest: str, parser=None) -> str:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    # DataConfigError (training.data.checks) is the data pipeline's user error, FirstSyncFailed
-    # (training.interop.remote_sync) --remote-sync's; looked up lazily, since this module is used before
-    # torch is and the others import it.
-    if isinstance(exc, UserError):
-        return True
-    checks = sys.modules.get("training.data.checks")
-    if checks is not None and isinstance(exc, checks.DataConfigError):
-        return True
-    sync = sys.modules.get("training.interop.remote_sync")  # --remote-sync's first sync (its target)
-    return sync is not None and isinstance(exc, sync.FirstSyncFailed)
+    """The user's mistake (one line, exit status 2), not a bug: every check's error derives from UserError,
+    the data pipeline's (training.data.checks.DataConfigError) and --remote-sync's first sync
+    (training.interop.remote_sync.FirstSyncFailed) included."""
+    return isinstance(exc, UserError)
 
 
 def one_line(exc: BaseException) -> str:
