@@ -128,9 +128,7 @@ def train(args, info, signals: StopSignals) -> dict:
     state = TrainState()
     start_epoch, start_batch = resume(run.checkpoints, state, args, run.steps_per_epoch, run_dir, info.device,
                                       lambda: changed_params(args, previous))
-    if args.is_master:
-        write_params(args, run_dir)
-    remote = RemoteSync.start(args, run_dir)  # --remote-sync; None without it
+    remote = record_params(args, run_dir)
     results, control = train_epochs(run, state, start_epoch, start_batch, signals)
     return finish(run, state, results, control, remote)
 
@@ -224,6 +222,14 @@ def build_optimization(run: Run) -> None:
     run.checkpoints = CheckpointManager(os.path.join(run.run_dir, "checkpoints"), args, args.is_master,
                                         model=run.model, optimizer=run.optimizer, scaler=run.scaler,
                                         method=run.method)
+
+
+def record_params(args, run_dir: str) -> RemoteSync | None:
+    """params.txt (after the resume: a refused resume leaves the run's own), then --remote-sync's first
+    sync; returns the sync (None without --remote-sync)."""
+    if args.is_master:
+        write_params(args, run_dir)
+    return RemoteSync.start(args, run_dir)
 
 
 def train_epochs(run: Run, state: TrainState, start_epoch: int, start_batch: int, signals: StopSignals):
