@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from training.checkpoint.files import CHECKPOINT_NAME, atomic_save, read_checkpoint
-from training.checkpoint.integrity import CheckpointDamaged, CheckpointUnreadable, NonFiniteState, nonfinite_entries, verify_zip
+from training.checkpoint.integrity import (CheckpointDamaged, CheckpointUnreadable, NonFiniteState, nonfinite_entries,
+                                           verify_zip)
 from training.checkpoint.position import position_state
 from training.checkpoint.resume_checks import check_size_flags, method_state_mismatch, size_flags
 from training.checkpoint.rng import all_ranks_rng_states, set_rng_state

@@ -29,7 +29,7 @@ def resume(checkpoints: CheckpointManager, train_state: TrainState, args, steps_
         ckpt = checkpoints.load(resume_path, ckpt, device)
     except UserError:  # already one line naming the flag (training.checkpoint.resume_checks)
         raise
-    except (RuntimeError, ValueError, KeyError) as exc:  # a state tensor of another shape: the flags that size it changed
+    except (RuntimeError, ValueError, KeyError) as exc:  # a tensor of another shape: a flag that sizes it changed
         raise ResumeMismatch.of(resume_path, exc, changed_flags(), build_parser()) from exc
     train_state.load_state_dict(ckpt)
     start_epoch, start_batch = map_position(ckpt, args, steps_per_epoch)
