@@ -35,7 +35,8 @@ REFCMD = "tests/test_reference_command.py::test_reference_command_runs_the_tempe
 
 CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py", "src/contrastive/temperature.py"
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
-LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint.py", "src/training/data/position.py"
+LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint/manager.py", "src/training/data/position.py"
+CKPT_POSITION = "src/training/checkpoint/position.py"
 FEATS = "src/contrastive/features.py"
 ELASTIC, ELASTIC_TEST = "src/training/elastic.py", "tests/test_torchrun_elastic.py::"
 EXACT = "src/training/eval/exact_normalizers.py"
@@ -210,9 +211,9 @@ MUTANTS = [
       "RNG states saved but never restored"),
     m("method_state_not_restored", CKPT, '                self.method.load_state_dict(ckpt["method"])\n',
       "                pass\n", [RESUME], "resume forgets u's / NPN / temperatures"),
-    m("position_epoch_end_not_rolled_over", CKPT, "    if batch >= steps_per_epoch:\n",
+    m("position_epoch_end_not_rolled_over", CKPT_POSITION, "    if batch >= steps_per_epoch:\n",
       "    if batch > steps_per_epoch:\n", [POS], "a checkpoint at an epoch's last batch resumes into an empty pass"),
-    m("position_not_converted_for_new_global_batch", CKPT, "        batch = samples // new_global\n",
+    m("position_not_converted_for_new_global_batch", CKPT_POSITION, "        batch = samples // new_global\n",
       "        batch = batch\n", [POS], "another global batch resumes at the old batch index"),
     m("sampler_start_ignored", POS_PY, "return islice(super().__iter__(), self.start, None)",
       "return islice(super().__iter__(), 0, None)", [POS], "a resumed map-style pass restarts the epoch"),

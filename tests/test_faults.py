@@ -18,11 +18,11 @@ import zipfile
 import pytest
 import torch
 
-import training.checkpoint as checkpoint_module
+import training.checkpoint.files as checkpoint_module
 from contrastive.table import PerSampleTable
-from training import checkpoint_integrity
+from training.checkpoint import integrity as checkpoint_integrity
 from training.checkpoint import NoUsableCheckpoint, atomic_save, read_checkpoint
-from training.checkpoint_integrity import NonFiniteState
+from training.checkpoint.integrity import NonFiniteState
 from training.data.synthetic.shards import write_shards
 from training.main import main
 from training.startup.run_lock import LOCK_NAME, RunFolderLocked, holder_record, pid_running

@@ -88,7 +88,8 @@ def run_steps(family: str, device: torch.device, mark, flags=None, precision="fp
     """STEPS steps of `training.loop.train_one_epoch` (logging at the last); returns `mark()` at each
     step boundary (STEPS + 1 values). `flags` replace the family's training flags."""
     from contrastive import build_method
-    from training.loop import TrainState, train_one_epoch
+    from training.loop import train_one_epoch
+    from training.train_state import TrainState
     from training.optim import build_optimizer
     from training.scheduler import LRScheduler
 
@@ -154,7 +155,8 @@ def test_a_step_skipped_on_the_device_changes_nothing_and_is_counted(caplog):
     gradient would: momentum and weight decay), or that loses the per-step warning and the counters."""
     import logging
 
-    from training.loop import TrainState, _check_nonfinite_limit, _step_optimizer
+    from training.loop import _check_nonfinite_limit, _step_optimizer
+    from training.train_state import TrainState
     from training.optim import build_optimizer
     model = torch.nn.Linear(3, 2)
     model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))

@@ -15,7 +15,7 @@ import pytest
 from training.checkpoint import read_checkpoint
 from training.main import main
 from training.preemption import StopSignals, resume_command
-from training.startup.user_errors import run_cli
+from training.startup.cli import run_cli
 
 from test_reliability import (ROOT, SCRIPT, STEPS_PER_EPOCH, EPOCHS, assert_same_losses,  # noqa: F401
                               baselines, clean_env, flags, launch, resumed_step, wait_until)

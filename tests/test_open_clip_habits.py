@@ -13,7 +13,8 @@ from training.eval import evaluation
 from training.main import main
 from training.params import parse_args
 from training.preemption import Preempted
-from training.startup.user_errors import UserError, run_cli
+from training.errors import UserError
+from training.startup.cli import run_cli
 
 
 def tiny_flags(tmp_path, name, *extra):

@@ -16,7 +16,8 @@ from training.bench.regime import ARMS, RegimeConfig, method_flags, run_one
 from training.bench.regime_data import FeatureData, FeatureHeads
 from training.eval.estimation_error import true_log_normalizers
 from training.eval.exact_normalizers import anchor_log_normalizers
-from training.loop import TrainState, train_one_epoch, train_step
+from training.loop import train_one_epoch, train_step
+from training.train_state import TrainState
 from training.optim import build_optimizer
 from training.params import parse_args
 from training.scheduler import LRScheduler

@@ -11,7 +11,7 @@ from PIL import Image
 
 from training.data.synthetic.shards import write_shards
 from training.main import main
-from training.startup.user_errors import run_cli
+from training.startup.cli import run_cli
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--model", "neuclip-tiny", "--synthetic-num-samples", "64", "--batch-size", "4", "--epochs", "1",

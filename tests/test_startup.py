@@ -17,7 +17,7 @@ from training.main import main
 from training.params import default_run_name, parse_args
 from training.progress import ProgressControl
 from training.startup.threads import choose_threads, default_workers
-from training.startup.user_errors import UserError
+from training.errors import UserError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--model", "neuclip-tiny", "--synthetic-num-samples", "64", "--batch-size", "16", "--epochs", "1",

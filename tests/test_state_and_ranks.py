@@ -25,7 +25,8 @@ from contrastive.neuclip import NeuCLIPEstimator
 from contrastive.openclip import SigLipMethod
 from contrastive.temperature import TAU_GRAD_CLAMP, GlobalTemperature, per_sample_tau_gradient
 from training.checkpoint import CheckpointManager, atomic_save
-from training.loop import MAX_LOGIT_SCALE, TrainState, average_method_grads, train_one_epoch
+from training.loop import MAX_LOGIT_SCALE, average_method_grads, train_one_epoch
+from training.train_state import TrainState
 
 WORLD, DIM = 2, 8
 

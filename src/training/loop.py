@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +25,7 @@ from contrastive.base import STEP_SKIPPED
 from training.data.info import images_to_device
 from training.distributed import unwrap
 from training.optim import steps_on_device
+from training.train_state import TrainState
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -45,62 +45,6 @@ def input_dtype(precision: str):
     """open_clip's get_input_dtype: a model cast to bf16/fp16 as a whole takes images of that dtype."""
     return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
             "fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)
-
-
-@dataclass
-class TrainState:
-    """What the loop advances: the global step and counters the log reports.
-
-    Steps skipped on the device are queued in `pending` ((step, 0-dim bool tensor) each) and counted when
-    the counters are read: reading either counter settles the queue (one host sync), so a checkpoint or
-    the run summary always sees every skip so far."""
-    step: int = 0
-    _skipped: int = 0
-    _consecutive: int = 0
-    history: list = field(default_factory=list)  # (step, logged terms) at each logging step
-    pending: list = field(default_factory=list)
-    limit_hit: int | None = None  # the consecutive count when it first reached --max-nonfinite-steps
-    max_nonfinite: int | None = None
-
-    @property
-    def skipped_nonfinite(self) -> int:
-        self.settle()
-        return self._skipped
-
-    @skipped_nonfinite.setter
-    def skipped_nonfinite(self, value: int) -> None:
-        self.settle()
-        self._skipped = int(value)
-
-    @property
-    def consecutive_nonfinite(self) -> int:
-        self.settle()
-        return self._consecutive
-
-    @consecutive_nonfinite.setter
-    def consecutive_nonfinite(self, value: int) -> None:
-        self.settle()
-        self._consecutive = int(value)
-
-    def settle(self) -> None:
-        """Count the queued device-side skips (one host read of all of them), in step order."""
-        if not self.pending:
-            return
-        steps = [s for s, _ in self.pending]
-        flags = torch.stack([f for _, f in self.pending]).tolist()
-        self.pending = []
-        for step, skipped in zip(steps, flags):
-            if skipped:
-                self._note_skip(step)
-            else:
-                self._consecutive = 0
-
-    def _note_skip(self, step: int) -> None:
-        self._skipped += 1
-        self._consecutive += 1
-        log.warning("non-finite gradient at step %d: step skipped (%d so far)", step, self._skipped)
-        if self.max_nonfinite is not None and self._consecutive >= self.max_nonfinite and self.limit_hit is None:
-            self.limit_hit = self._consecutive
 
 
 def _check_nonfinite_limit(state: TrainState, args) -> None:

@@ -16,7 +16,7 @@ the same command with the same --name resumes from the folder's newest valid che
 refuses instead); the default --name is timestamped, so a new run never lands in an old run's folder.
 SIGTERM/SIGUSR1 write a checkpoint and exit with status 75, Ctrl-C with 130 (training.preemption); faults
 and what each gives: docs/FAULTS.md. Mistakes in the flags print one line and exit with status 2
-(training.startup.user_errors).
+(training.errors, training.startup.cli).
 """
 import argparse
 import logging
@@ -29,12 +29,13 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
     __package__ = "training"  # noqa: A001
 
 from training.params import parse_args  # noqa: E402  (argparse only)
-from training.startup.user_errors import parse_quietly_off_rank_0  # noqa: E402
+from training.startup.cli import parse_quietly_off_rank_0  # noqa: E402
 
 if __name__ == "__main__":  # --help and flag errors answer before torch is imported (seconds, more under load)
     parse_quietly_off_rank_0(parse_args, sys.argv[1:])
 
 import warnings  # noqa: E402
+from dataclasses import dataclass
 
 import numpy as np
 import open_clip
@@ -43,11 +44,13 @@ import torch
 import training
 from contrastive import build_method
 
-from training.checkpoint import CheckpointManager, map_position
+from training.checkpoint import CheckpointManager
+from training.checkpoint.resume import resume
 from training.data.loader import get_data
 from training.distributed import (broadcast_object, init_distributed, is_distributed, report_failure, shutdown,
                                   wrap_ddp)
 from training.elastic import elastic_range_refusal
+from training.errors import UserError, is_user_error
 from training.eval.estimation_error import EstimationErrorMonitor
 from training.eval.evaluation import evaluate, evaluation_missing
 from training.export import config_from_args, write_config
@@ -57,19 +60,22 @@ from training.interop.open_clip_flags import apply_logging_flags
 from training.interop.remote_sync import RemoteSync
 from training.interop.reporting import build_reporters
 from training.logger import record_in_log_files, setup_logging
-from training.loop import TrainState, train_one_epoch
+from training.loop import train_one_epoch
 from training.optim import build_optimizer
-from training.params import SYNTHETIC_DEFAULT_SAMPLES, parse_args, resolve_precision, schedule_numbers
+from training.params import parse_args, resolve_precision, schedule_numbers
 from training.preemption import Preempted, StepCheckpoints, StopSignals
 from training.scheduler import LRScheduler
+from training.train_state import TrainState
 from training import progress
 from training.startup import quiet, schedule_checks
+from training.startup.cli import run_cli
+from training.startup.data_defaults import fill_data_defaults
 from training.startup.input_checks import check_global_batch, check_shard_keys
+from training.startup.run_folder import announce_resume, changed_params, prepare_run_folder, write_params
 from training.startup.run_name import choose_run_name
 from training.startup.preflight import check_before_run_folder
-from training.startup.run_lock import die_with_launcher, lock_run_folder, release_run_folder
+from training.startup.run_lock import die_with_launcher, release_run_folder
 from training.startup.threads import apply_thread_policy
-from training.startup.user_errors import MissingResume, ResumeMismatch, RunFolderExists, UserError, is_user_error, run_cli
 
 training.register_model_configs()
 
@@ -80,64 +86,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-NOT_COMPARED = {"resume", "no_auto_resume", "rank", "local_rank", "is_master", "device", "threads", "progress",
-                "verbose"}
-
-
-def prepare_run_folder(args) -> tuple[str, dict]:
-    """The run folder; in an existing one, --resume latest unless --no-auto-resume. Returns the folder
-    and the previous params.txt (empty for a new run). Rank 0 decides, every rank follows."""
-    run_dir = os.path.join(args.logs, args.name)
-    previous = {}
-    if args.is_master:
-        params = os.path.join(run_dir, "params.txt")
-        if os.path.exists(params):
-            if args.no_auto_resume and not args.resume:
-                raise RunFolderExists(f"run folder {run_dir} already exists and --no-auto-resume is set: "
-                                      "drop it (or pass --resume latest) to continue the run, or choose "
-                                      "another --name")
-            with open(params) as f:
-                previous = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
-            args.resume = args.resume or "latest"
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        lock_run_folder(run_dir)  # one writer per run folder (training.startup.run_lock)
-    args.resume = broadcast_object(args.resume)
-    return run_dir, previous
-
-
-def changed_params(args, previous: dict) -> list[str]:
-    return [f"{name}: {previous.get(name, '(unset)')} -> {getattr(args, name)}" for name in sorted(vars(args))
-            if name not in NOT_COMPARED and previous and previous.get(name) != str(getattr(args, name))]
-
-
-def write_params(args, run_dir: str) -> None:
-    with open(os.path.join(run_dir, "params.txt"), "w") as f:
-        for name in sorted(vars(args)):
-            f.write(f"{name}: {getattr(args, name)}\n")
-
-
-def fill_data_defaults(args) -> None:
-    """The built-in synthetic data set when no --train-data is given; its size is --train-num-samples, as
-    open_clip's synthetic data set's (--synthetic-num-samples is this project's spelling)."""
-    if args.train_data is None and args.dataset_type in ("auto", "synthetic"):
-        args.dataset_type = "synthetic"
-        sizes = {n for n in (args.train_num_samples, args.synthetic_num_samples) if n is not None}
-        if len(sizes) > 1:
-            raise UserError(f"--train-num-samples {args.train_num_samples} and --synthetic-num-samples "
-                            f"{args.synthetic_num_samples} both size the synthetic data set: give one")
-        args.train_num_samples = sizes.pop() if sizes else SYNTHETIC_DEFAULT_SAMPLES
-        args.synthetic_num_samples = args.train_num_samples
-        if args.data_size < 0:
-            args.data_size = args.synthetic_num_samples
-    elif args.train_data is None:
-        raise UserError(f"--dataset-type {args.dataset_type} needs --train-data")
-    if args.synthetic_num_samples is None:  # unused without the synthetic set; params.txt keeps one value
-        args.synthetic_num_samples = SYNTHETIC_DEFAULT_SAMPLES
-    if args.uses_per_sample_state and args.data_size < 1:
-        raise UserError("this method keeps per-sample state indexed by sample key: set --data_size to the "
-                         "largest key + 1 (for img2dataset shards: number of shards x 10000)")
 
 
 def main(argv=None) -> dict:
@@ -172,6 +120,22 @@ def main(argv=None) -> dict:
 
 
 def train(args, info, signals: StopSignals) -> dict:
+    """One run, in the order its side effects happen (tests read out.log and stdout in this order)."""
+    run_dir, previous, thread_line = open_run(args, info)
+    run = build_model_and_method(args, info, run_dir)
+    build_data(run, thread_line)
+    build_optimization(run)
+    state = TrainState()
+    start_epoch, start_batch = resume(run.checkpoints, state, args, run.steps_per_epoch, run_dir, info.device,
+                                      lambda: changed_params(args, previous))
+    remote = record_params(args, run_dir)
+    results, control = train_epochs(run, state, start_epoch, start_batch, signals)
+    return finish(run, state, results, control, remote)
+
+
+def open_run(args, info) -> tuple[str, dict, str]:
+    """The flags completed and checked (a refused start leaves no run folder), then the run folder and its
+    logging. Returns the folder, its previous params.txt and the thread policy's log line."""
     args.rank, args.local_rank, args.world_size = info.rank, info.local_rank, info.world_size
     args.is_master, args.device = info.is_master, str(info.device)
     try:
@@ -189,13 +153,33 @@ def train(args, info, signals: StopSignals) -> dict:
     apply_logging_flags(args, run_dir)
     quiet.install(args.verbose)
     thread_line = apply_thread_policy(args)
-    if previous:
-        log.info("run folder %s exists: resuming from its newest valid checkpoint (--no-auto-resume refuses)",
-                 run_dir)
-        changes = changed_params(args, previous)
-        if changes:
-            log.warning("flags differ from the run folder's params.txt: %s", "; ".join(changes))
+    announce_resume(args, run_dir, previous)
+    return run_dir, previous, thread_line
 
+
+@dataclass
+class Run:
+    """What a run is built from; filled in the order main.train builds it."""
+    args: object
+    info: object
+    run_dir: str
+    model: torch.nn.Module
+    method: torch.nn.Module
+    tokenizer: object
+    preprocess_train: object
+    preprocess_val: object
+    data: dict | None = None
+    steps_per_epoch: int = 0
+    global_batch: int = 0
+    optimizer: object = None
+    scaler: object = None
+    scheduler: object = None
+    checkpoints: CheckpointManager | None = None
+
+
+def build_model_and_method(args, info, run_dir: str) -> Run:
+    """The model (the same initial weights on every rank), its tokenizer and transforms, and the method;
+    then each rank's own random streams."""
     seed_everything(args.seed)  # same model init on every rank
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         args.model, device=info.device, **create_kwargs(args))
@@ -209,50 +193,52 @@ def train(args, info, signals: StopSignals) -> dict:
     method = build_method(args.method, args, model).to(info.device)
     apply_model_flags(model, method, args)
     seed_everything(args.seed + args.rank)
+    return Run(args, info, run_dir, model, method, tokenizer, preprocess_train, preprocess_val)
 
+
+def build_data(run: Run, thread_line: str) -> None:
+    """The data loaders and the schedule they give; logs the run's and the model's summary lines."""
+    args, model = run.args, run.model
     # With --accum-freq k the loader yields whole steps (k micro-batches); the loop splits them.
     data_args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * args.accum_freq})
-    data = get_data(data_args, preprocess_train, preprocess_val, tokenizer, epoch=0)
-    steps_per_epoch = data["train"].num_batches
-    schedule_checks.check_steps(args, steps_per_epoch)
-    numbers = schedule_numbers(args, steps_per_epoch)
+    run.data = get_data(data_args, run.preprocess_train, run.preprocess_val, run.tokenizer, epoch=0)
+    run.steps_per_epoch = run.data["train"].num_batches
+    schedule_checks.check_steps(args, run.steps_per_epoch)
+    numbers = schedule_numbers(args, run.steps_per_epoch)
+    run.global_batch = numbers["global_batch"]
     log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else
              f"gcl/{args.estimator}", " ".join(f"{k}={v}" for k, v in numbers.items()))
     log.info("Model %s: %.2fM parameters, precision %s, device %s, %s, --workers %d", args.model,
              sum(p.numel() for p in model.parameters()) / 1e6, args.precision, args.device, thread_line,
              args.workers)
 
-    optimizer = build_optimizer(model, method, args)
-    scaler = torch.amp.GradScaler(info.device.type) if args.precision == "amp" else None
-    scheduler = LRScheduler(optimizer, args, steps_per_epoch)
-    checkpoints = CheckpointManager(os.path.join(run_dir, "checkpoints"), args, args.is_master, model=model,
-                                    optimizer=optimizer, scaler=scaler, method=method)
 
-    state, start_epoch, start_batch = TrainState(), 0, 0
-    try:
-        resume_path, ckpt = checkpoints.resolve(args.resume)
-    except FileNotFoundError as exc:
-        raise MissingResume(str(exc)) from exc
-    if resume_path:
-        try:
-            ckpt = checkpoints.load(resume_path, ckpt, info.device)
-        except UserError:  # already one line naming the flag (training.startup.resume_checks)
-            raise
-        except (RuntimeError, ValueError, KeyError) as exc:  # a state tensor of another shape: the flags that size it changed
-            raise ResumeMismatch.of(resume_path, exc, changed_params(args, previous)) from exc
-        state.step = int(ckpt.get("step", 0))
-        for name, value in (ckpt.get("train_state") or {}).items():
-            setattr(state, name, int(value))
-        start_epoch, start_batch = map_position(ckpt, args, steps_per_epoch)
-        log.info("Resumed from %s at epoch %d, batch %d, step %d", resume_path, start_epoch, start_batch,
-                 state.step)
-        del ckpt
-    elif args.resume:
-        log.info("--resume %s: no checkpoint yet in %s, starting fresh", args.resume, run_dir)
+def build_optimization(run: Run) -> None:
+    """Optimizer, loss scaler, schedules, and the checkpoints that hold them with everything else."""
+    args, device = run.args, run.info.device
+    run.optimizer = build_optimizer(run.model, run.method, args)
+    run.scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
+    run.scheduler = LRScheduler(run.optimizer, args, run.steps_per_epoch)
+    run.checkpoints = CheckpointManager(os.path.join(run.run_dir, "checkpoints"), args, args.is_master,
+                                        model=run.model, optimizer=run.optimizer, scaler=run.scaler,
+                                        method=run.method)
+
+
+def record_params(args, run_dir: str) -> RemoteSync | None:
+    """params.txt (after the resume: a refused resume leaves the run's own), then --remote-sync's first
+    sync; returns the sync (None without --remote-sync)."""
     if args.is_master:
         write_params(args, run_dir)
-    remote = RemoteSync.start(args, run_dir)  # --remote-sync; None without it
+    return RemoteSync.start(args, run_dir)
 
+
+def train_epochs(run: Run, state: TrainState, start_epoch: int, start_batch: int, signals: StopSignals):
+    """The epochs from the resume position on, each followed by its checkpoint and evaluation (and an
+    evaluation a previous launch left unfinished, first). Returns the last evaluation's results and the
+    step control, which knows whether a signal stopped the run."""
+    args, info, run_dir, data, tokenizer = run.args, run.info, run.run_dir, run.data, run.tokenizer
+    model, method, checkpoints, preprocess_val = run.model, run.method, run.checkpoints, run.preprocess_val
+    optimizer, scaler, scheduler, steps_per_epoch = run.optimizer, run.scaler, run.scheduler, run.steps_per_epoch
     ddp_model = wrap_ddp(model, info)
     if args.torchcompile:
         ddp_model = torch.compile(ddp_model)
@@ -270,7 +256,7 @@ def train(args, info, signals: StopSignals) -> dict:
                            stop_requested) or results
         stopped_in_eval = broadcast_object(bool(signals.code)) and control.at_epoch_end(state.step, start_epoch)
     control = progress.wrap(args, control, total_steps=steps_per_epoch * last_epoch, start_step=state.step,
-                            samples_per_step=numbers["global_batch"])
+                            samples_per_step=run.global_batch)
     for epoch in range(start_epoch, start_epoch if stopped_in_eval else last_epoch):
         data["train"].set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         method.on_epoch_start(epoch)
@@ -290,16 +276,22 @@ def train(args, info, signals: StopSignals) -> dict:
             break
     progress.close_all()
     tb.close()
+    return results, control
+
+
+def finish(run: Run, state: TrainState, results: dict, control, remote) -> dict:
+    """The run's summary; or Preempted when a signal stopped it (after the final sync and, under slurm, the
+    requeue)."""
     if control.stopped_at:
         if remote is not None:
             remote.close()  # the final sync: the preemption's checkpoint too
         shutdown()
         control.requeue_if_due()
         raise Preempted(*control.stopped_at, exit_code=control.exit_code, signal_name=control.stop_signal)
-    log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run_dir))
+    log.info("Done: %d steps; run folder %s", state.step, os.path.abspath(run.run_dir))
     if remote is not None:
         remote.close()  # the final sync, after the last line of out.log
-    summary = {"run_dir": run_dir, "step": state.step, "history": state.history,
+    summary = {"run_dir": run.run_dir, "step": state.step, "history": state.history,
                "skipped_nonfinite": state.skipped_nonfinite, "results": results}
     shutdown()
     return summary

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from training.distributed import barrier, is_distributed
-from training.startup.user_errors import EXIT_INTERRUPTED, env_rank
+from training.startup.cli import EXIT_INTERRUPTED, env_rank
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75

@@ -32,7 +32,8 @@ from training.bench.regime_data import EpochSampler, FeatureData, FeatureHeads, 
 from training.eval.estimation_error import (anchor_inverse_temperatures, error_metrics, method_eps,
                                             method_log_normalizers)
 from training.eval.exact_normalizers import anchor_log_normalizers
-from training.loop import TrainState, train_step
+from training.loop import train_step
+from training.train_state import TrainState
 from training.optim import build_optimizer
 from training.params import parse_args
 from training.scheduler import LRScheduler

@@ -22,12 +22,14 @@ import braceexpand
 from torch.utils.data import Dataset
 from webdataset.tariterators import base_plus_ext, url_opener
 
+from training.errors import UserError
+
 logger = logging.getLogger("training.data")
 
 _URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # "pipe:", "s3://", "https://", ...
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
     """A mistake in the data configuration. Never swallowed by the skip-and-count handlers."""
 
 

@@ -10,6 +10,7 @@ import argparse
 import ast
 import importlib.util
 
+from training.errors import UserError
 from training.interop.remote_sync import check_remote_sync_flags
 
 #: Refused flags: open_clip_train's spelling -> why, and what to do instead.
@@ -133,8 +134,8 @@ def report_to_names(value: str | None) -> list[str]:
     names = [n.strip() for n in (value or "").split(",") if n.strip()]
     unknown = [n for n in names if n not in (*REPORTERS, "all", "none")]
     if unknown:
-        raise ValueError(f"--report-to {','.join(unknown)}: choose from {','.join(REPORTERS)} (comma-separated), "
-                         "'all', or 'none'")
+        raise UserError(f"--report-to {','.join(unknown)}: choose from {','.join(REPORTERS)} (comma-separated), "
+                        "'all', or 'none'")
     return [r for r in REPORTERS if r in names or "all" in names]
 
 
@@ -144,11 +145,11 @@ def is_project_config(model_name: str) -> bool:
 
 
 def validate_open_clip_flags(args) -> None:
-    """Raises ValueError (one line) for values refused; fills open_clip's derived defaults."""
+    """Raises UserError (one line) for values refused; fills open_clip's derived defaults."""
     if args.opt is not None:
         if args.opt not in OPTIMIZERS:
-            raise ValueError(f"--opt {args.opt}: this trainer builds {' or '.join(OPTIMIZERS)} only "
-                             "(open_clip's timm/... optimizers are not supported)")
+            raise UserError(f"--opt {args.opt}: this trainer builds {' or '.join(OPTIMIZERS)} only "
+                            "(open_clip's timm/... optimizers are not supported)")
         args.optimizer = args.opt
     # open_clip's get_default_params: ViT names get (0.98, 1e-6), all others (RN, convnext, ...) (0.999, 1e-8).
     # This project's own configs (neuclip-tiny) are ViTs whatever their names.
@@ -163,28 +164,28 @@ def validate_open_clip_flags(args) -> None:
         args.precision = "amp_bf16"  # open_clip's other spelling
     reporters = report_to_names(args.report_to)
     if "wandb" in reporters and importlib.util.find_spec("wandb") is None:
-        raise ValueError("--report-to wandb needs the wandb package: pip install wandb (or drop wandb)")
+        raise UserError("--report-to wandb needs the wandb package: pip install wandb (or drop wandb)")
     if args.loss_dist_impl is not None and not args.siglip:
-        raise ValueError("--loss-dist-impl only applies to --siglip (open_clip's SigLipLoss)")
+        raise UserError("--loss-dist-impl only applies to --siglip (open_clip's SigLipLoss)")
     if args.lock_image_unlocked_groups and not args.lock_image:
-        raise ValueError("--lock-image-unlocked-groups needs --lock-image")
+        raise UserError("--lock-image-unlocked-groups needs --lock-image")
     if args.lock_text_unlocked_layers and not args.lock_text:
-        raise ValueError("--lock-text-unlocked-layers needs --lock-text")
+        raise UserError("--lock-text-unlocked-layers needs --lock-text")
     if args.train_data_upsampling_factors:
         if not args.dataset_resampled or not args.train_data:
-            raise ValueError("--train-data-upsampling-factors weights the '::' sources of --train-data when "
-                             "shards are resampled: add --dataset-resampled (and --train-data)")
+            raise UserError("--train-data-upsampling-factors weights the '::' sources of --train-data when "
+                            "shards are resampled: add --dataset-resampled (and --train-data)")
         try:
             factors = [float(f) for f in args.train_data_upsampling_factors.split("::")]
         except ValueError:
-            raise ValueError(f"--train-data-upsampling-factors {args.train_data_upsampling_factors!r}: "
-                             "numbers joined by '::', e.g. 1::2") from None
+            raise UserError(f"--train-data-upsampling-factors {args.train_data_upsampling_factors!r}: "
+                            "numbers joined by '::', e.g. 1::2") from None
         if len(factors) != len([p for p in args.train_data.split("::") if p.strip()]) or min(factors) < 0:
-            raise ValueError("--train-data-upsampling-factors needs one factor >= 0 per '::' source of "
-                             "--train-data")
+            raise UserError("--train-data-upsampling-factors needs one factor >= 0 per '::' source of "
+                            "--train-data")
     check_remote_sync_flags(args)
     import open_clip
     cfg = open_clip.get_model_config(args.model)
     if cfg is not None and "multimodal_cfg" in cfg:
-        raise ValueError(f"--model {args.model} is a CoCa model, whose caption loss this trainer does not "
-                         "have: train a CLIP architecture (e.g. ViT-B-32), or CoCa with open_clip_train")
+        raise UserError(f"--model {args.model} is a CoCa model, whose caption loss this trainer does not "
+                        "have: train a CLIP architecture (e.g. ViT-B-32), or CoCa with open_clip_train")

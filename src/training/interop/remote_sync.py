@@ -12,12 +12,14 @@ import shutil
 import subprocess
 import threading
 
+from training.errors import UserError
+
 log = logging.getLogger("training")
 
 
-class FirstSyncFailed(ValueError):
+class FirstSyncFailed(UserError):
     """The start-up sync failed: the user's target or credentials (a user error: one line, exit 2, as
-    training.startup.user_errors.is_user_error says)."""
+    training.errors.is_user_error says)."""
 
 
 def sync_fsspec(local_dir: str, remote_dir: str) -> int:
@@ -52,10 +54,10 @@ def check_remote_sync_flags(args) -> None:
     if not args.remote_sync:
         return
     if args.remote_sync_frequency <= 0:
-        raise ValueError(f"--remote-sync-frequency must be > 0 seconds, got {args.remote_sync_frequency}")
+        raise UserError(f"--remote-sync-frequency must be > 0 seconds, got {args.remote_sync_frequency}")
     if args.remote_sync_protocol == "s3" and shutil.which("aws") is None:
-        raise ValueError("--remote-sync-protocol s3 runs the aws CLI, which is not installed: pip install awscli, "
-                         "or use --remote-sync-protocol fsspec")
+        raise UserError("--remote-sync-protocol s3 runs the aws CLI, which is not installed: pip install awscli, "
+                        "or use --remote-sync-protocol fsspec")
 
 
 class RemoteSync:

@@ -7,19 +7,21 @@ import tarfile
 
 from webdataset.tariterators import base_plus_ext
 
+from training.batching import global_batch
 from training.data.checks import (DataConfigError, KeyRangeCheck, UnusableSample, expand_shard_urls,
                                   per_sample_state_size, shard_sample_key)
-from training.startup.resume_checks import reads_shards
-from training.startup.user_errors import UserError
+from training.checkpoint.resume_checks import reads_shards
+from training.errors import UserError
 
 
 def check_global_batch(args) -> None:
     """Every loss here contrasts a pair against the other pairs of the global batch: with one sample there
-    is no negative (OpenCLIP's loss is 0, FastCLIP/NeuCLIP take log(B - 1) = log 0)."""
-    global_batch = args.batch_size * args.world_size
-    if global_batch < 2:
+    is no negative (OpenCLIP's loss is 0, FastCLIP/NeuCLIP take log(B - 1) = log 0). Under --accum-freq k
+    the losses contrast the whole step's k micro-batches (training.batching), so k >= 2 has negatives."""
+    batch = global_batch(args)
+    if batch < 2:
         raise UserError(f"--batch-size {args.batch_size} on {args.world_size} process(es) is a global batch of "
-                         f"{global_batch}: contrastive losses need at least one negative pair; use --batch-size 2 "
+                         f"{batch}: contrastive losses need at least one negative pair; use --batch-size 2 "
                          "or more")
 
 

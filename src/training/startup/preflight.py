@@ -1,6 +1,6 @@
 """The start-up checks that need neither the model nor a data loader, run before the run folder exists:
 a start refused for a typo leaves no empty run folder behind, and says so in one line (exit status 2,
-training.startup.user_errors) instead of the traceback of whichever library tripped over it first.
+training.errors) instead of the traceback of whichever library tripped over it first.
 
 Checked here: the model name (with the closest known names), the training and validation data (CSV:
 the file, its columns, its first image paths, enough rows for one batch; shards: that they exist, that
@@ -15,7 +15,7 @@ import os
 
 from training.data.checks import (DataConfigError, MissingData, check_csv, check_enough_shards, check_shards_exist,
                                   expand_shard_urls, require_train_num_samples)
-from training.startup.user_errors import UserError
+from training.errors import UserError
 
 
 def check_before_run_folder(args) -> None:

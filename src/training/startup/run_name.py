@@ -16,7 +16,7 @@ import os
 from training.distributed import broadcast_object
 from training.elastic import shared_default_name
 from training.params import default_run_name
-from training.startup.user_errors import RunFolderExists
+from training.errors import RunFolderExists
 
 
 def choose_run_name(args) -> str:

@@ -22,7 +22,7 @@ import logging
 import os
 from collections import defaultdict
 
-from training.startup.user_errors import UserError
+from training.errors import UserError
 
 log = logging.getLogger("training")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from training.startup.user_errors import UserError
+from training.errors import UserError
 
 SIZE_FLAGS = ("model", "estimator", "npn_num_protos")  # stored in each checkpoint, compared on load
 

@@ -1,137 +1,23 @@
-"""One checkpoint manager for everything that has state.
-
-A checkpoint is open_clip's layout — `epoch`, `name`, `state_dict` (exactly the model's keys, so
-`open_clip.create_model_and_transforms(arch, pretrained=path)` loads it strictly), `optimizer`,
-`scaler` — plus top-level keys for the rest: the method's state (per-sample arrays, NPN and its
-AdaGrad accumulators, temperatures), the step counter and the loop's fault counters, the data position
-(epoch + batches of it consumed) and every rank's RNG states. Only tensors and Python primitives are
-stored: open_clip loads with `weights_only=True`.
-
-Files: `epoch_N.pt` / `epoch_latest.pt` at epoch ends (open_clip's --save-frequency, --save-most-recent),
-and `iter_{step}.pt` mid-run (--save-every-n-steps, --save-every-n-minutes, preemption), of which the last
---keep-last-k are kept. Each is written to a temporary name, fsynced and renamed, so a crash never leaves
-a half-written file under a real name. Resuming picks the checkpoint with the highest step that loads
-and has every required key, after checking its zip CRCs; a damaged newer one is skipped with a warning
-naming it and renamed to NAME.corrupt, while one that could not be read right now (EIO, out of memory)
-is retried and then left untouched (`training.checkpoint_integrity`). When checkpoints exist and none can
-be used, the run stops and says so (--resume-fresh starts over on purpose): never a silent fresh start.
-A state with non-finite parameters is never written, and a new file is read back (CRCs) before
-retention deletes older ones. Checkpoints from beyond the step a run resumes at (an explicit --resume of an older file)
-are renamed to NAME.superseded, so that a later automatic resume does not jump back to them.
-"""
+"""The checkpoint manager: when a checkpoint is written, which one a run resumes from, and restoring
+the model, optimizer, scaler, method and RNG from it (the layout and the rest: training.checkpoint)."""
 import glob
 import logging
 import os
-import random
-import re
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.checkpoint_integrity import (CheckpointDamaged, CheckpointUnreadable, NonFiniteState, load_verified,
-                                           nonfinite_entries, save_keeping_errno, verify_zip)
+from training.checkpoint.files import CHECKPOINT_NAME, atomic_save, read_checkpoint
+from training.checkpoint.integrity import (CheckpointDamaged, CheckpointUnreadable, NonFiniteState, nonfinite_entries,
+                                           verify_zip)
+from training.checkpoint.position import position_state
+from training.checkpoint.resume_checks import check_size_flags, method_state_mismatch, size_flags
+from training.checkpoint.rng import all_ranks_rng_states, set_rng_state
 from training.distributed import all_reduce_max_, barrier, broadcast_object, unwrap
-from training.startup.resume_checks import check_position_transfer, check_size_flags, method_state_mismatch, size_flags
-from training.startup.user_errors import UserError
+from training.errors import UserError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
-REQUIRED_KEYS = ("state_dict", "optimizer", "method", "step", "epoch", "data_position", "rng")
-CHECKPOINT_NAME = re.compile(r"^(?:iter_(\d+)|epoch_(\d+)|epoch_latest)\.pt$")
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuplify(state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _all_ranks(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file, fsync, rename over `path`, fsync the directory."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            save_keeping_errno(obj, f, path)  # an OSError keeps its errno (ENOSPC), not `unexpected pos`
-    except BaseException:
-        if os.path.exists(tmp):  # a failed write must not use up the space a retry needs
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some file systems do not fsync directories
-        pass
-
-
-def read_checkpoint(path: str, required=REQUIRED_KEYS, mmap: bool = False) -> dict:
-    """torch.load (CRCs checked unless mmap), checking the keys a resumable checkpoint has and that its
-    weights are finite. CheckpointDamaged (a ValueError) naming the file; CheckpointUnreadable (an
-    OSError) when it could not be read even after retries."""
-    ckpt = load_verified(path, mmap=mmap)
-    missing = [key for key in required if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        raise CheckpointDamaged(f"checkpoint {path} lacks {', '.join(missing)}: not a complete training checkpoint")
-    if not mmap and isinstance(ckpt.get("state_dict"), dict):
-        bad = nonfinite_entries(ckpt["state_dict"], ckpt.get("method") or {})
-        if bad:
-            raise CheckpointDamaged(f"checkpoint {path} holds non-finite values in {', '.join(bad)}")
-    return ckpt
-
-
-def samples_per_step(args) -> int:
-    return args.batch_size * args.world_size * getattr(args, "accum_freq", 1)
-
-
-def map_position(ckpt: dict, args, steps_per_epoch: int) -> tuple[int, int]:
-    """(epoch, batch) to resume at. The position is stored in steps of the writer's global batch; with
-    another global batch (batch size × world size × accum-freq) it is converted through the samples
-    consumed."""
-    position = ckpt.get("data_position") or {}
-    check_position_transfer(ckpt, args)  # shards: another split over readers changes the epoch
-    epoch, batch = int(position.get("epoch", ckpt.get("epoch", 0))), int(position.get("batch", 0))
-    new_global = samples_per_step(args)
-    old_global = int(position.get("global_batch", new_global))
-    if batch and old_global != new_global:
-        samples = batch * old_global
-        batch = samples // new_global
-        log.warning("the checkpoint was written with a global batch of %d, this run has %d: resuming epoch %d "
-                    "at batch %d (%d of the %d samples already consumed; the position maps exactly for CSV and "
-                    "synthetic data, approximately for shards, whose split over ranks differs)",
-                    old_global, new_global, epoch, batch, batch * new_global, samples)
-    if batch >= steps_per_epoch:
-        epoch, batch = epoch + 1, 0
-    return epoch, batch
 
 
 class NoUsableCheckpoint(RuntimeError):
@@ -167,15 +53,12 @@ class CheckpointManager:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "method": method_state,
             "method_name": self.args.method,
-            "step": train_state.step,
-            "train_state": {"skipped_nonfinite": train_state.skipped_nonfinite,
-                            "consecutive_nonfinite": train_state.consecutive_nonfinite},
-            "data_position": {**position, "global_batch": samples_per_step(self.args),
-                              "readers": max(1, self.args.workers)},
+            **train_state.state_dict(),  # step, train_state
+            "data_position": position_state(position, self.args),
             "size_flags": size_flags(self.args),
             "world_size": self.args.world_size,
             "batch_size": self.args.batch_size,
-            "rng": _all_ranks(rng_state()),  # collective: every rank must call save
+            "rng": all_ranks_rng_states(),  # collective: every rank must call save
         }
 
     def save_epoch(self, completed: int, train_state) -> list[str]:

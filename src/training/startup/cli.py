@@ -1,0 +1,65 @@
+"""The command line: a user's mistake is one line on stderr, from rank 0 only, exit status 2.
+
+`main()` stays a library function that raises (tests and callers catch the exception types they
+expect); the command line (`python -m training.main`, `torchrun -m training.main`) goes through
+`run_cli`, which turns a user error into one line instead of a traceback repeated by every rank. Exit
+status 2 is what argparse uses for flag errors, so scripts see one code for "fix the command".
+Anything else is a bug or a fault of the machine and keeps its traceback. What counts as a user's
+mistake: training.errors.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+
+from training.errors import is_user_error, one_line
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
+
+
+def env_rank() -> int:
+    """This process's global rank from the launcher, before any process group exists."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def parse_quietly_off_rank_0(parse, argv):
+    """argparse prints its whole usage (70 lines here) before a flag error, on every rank: keep only the
+    error line, on rank 0 only (exit status unchanged). --help still prints in full."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            if env_rank() == 0:
+                return parse(argv)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return parse(argv)
+    except SystemExit as exc:
+        lines = captured.getvalue().strip().splitlines()
+        if env_rank() == 0 and lines:
+            print(f"{lines[-1]} (--help lists the flags)", file=sys.stderr, flush=True)
+        raise SystemExit(exc.code) from None
+
+
+def run_cli(main, argv) -> None:
+    """Run `main(argv)`; a user error prints `error: MESSAGE` once (rank 0) and exits with status 2. A
+    KeyboardInterrupt (the second Ctrl-C, training.preemption) is one line too, exit status 130: the
+    person who pressed it knows where they were, and a traceback would hide the line above it."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        if env_rank() == 0:
+            print("\nstopped at once by a second Ctrl-C, without a checkpoint: the same command resumes from "
+                  "the run's newest checkpoint", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001  (re-raised unless it is the user's mistake)
+        if not is_user_error(exc):
+            raise
+        if env_rank() == 0:
+            print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
