@@ -136,8 +136,8 @@ def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state:
                                  epoch=epoch, args=args, device=device)
         batch_seconds = time.perf_counter() - end
         end = time.perf_counter()
-        logged_terms = None
-        if i % args.log_every_n_steps == 0 or i + 1 == steps_this_epoch:  # open_clip's: each epoch's first batch, every n-th, its last
+        logged_terms = None  # open_clip's logging steps: each epoch's first batch, every n-th, its last
+        if i % args.log_every_n_steps == 0 or i + 1 == steps_this_epoch:
             _check_nonfinite_limit(state, args)
             logged_terms = _mean_over_ranks(out.terms)  # collective: every rank takes part
         result = StepResult(state.step, epoch, i + 1, steps_this_epoch, logged_terms, lrs, data_seconds, batch_seconds)
