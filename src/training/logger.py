@@ -5,7 +5,9 @@ import sys
 from training.batching import global_batch
 from training.observers import StepResult
 
-log = logging.getLogger("training.loop")  # the name the training log line has always been logged under
+#: The training log line keeps the logger it had when the loop wrote it: a filter or level set on
+#: "training.loop" (caplog in a test, a user's logging config) still applies to it.
+log = logging.getLogger("training.loop")
 
 _HANDLER_TAG = "_neuclip_handler"
 
@@ -60,6 +62,8 @@ class TensorBoard:
 
 
 class Meter:
+    """A running mean (of step and data-wait times between logging steps)."""
+
     def __init__(self):
         self.total, self.count = 0.0, 0
 
