@@ -4,7 +4,7 @@
     python scripts/import_graph.py [--dot FILE]
 
 Layers, lowest first (a module may import its own layer and the ones below; tests/test_layout.py checks it):
-  ground      errors, batching, logging, process groups: what every part uses and that uses nothing
+  ground      errors and exit statuses, batching, logging, the step-observer interface, process groups: what every part uses and that uses nothing
   methods     contrastive: the objectives and their estimators (never import the trainer)
   parts       flags, data, optimizer, schedule, checkpoint, interop, evaluation, the loop and its observers
   start-up    process set-up and the start-up checks
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_layout import SRC, import_graph  # noqa: E402
 
 LAYERS = ("ground", "methods", "parts", "start-up", "entry", "clients")
-GROUND = ("training.errors", "training.batching", "training.logger", "training.distributed", "training.elastic",
+GROUND = ("training.errors", "training.batching", "training.logger", "training.observers", "training.distributed", "training.elastic",
           "training.startup.threads", "training.startup.quiet")
 
 

@@ -38,6 +38,7 @@ NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "s
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint/manager.py", "src/training/data/position.py"
 CKPT_POSITION = "src/training/checkpoint/position.py"
 FEATS = "src/contrastive/features.py"
+LOG_PY, OBS = "src/training/logger.py", "tests/test_step_observers.py::"
 ELASTIC, ELASTIC_TEST = "src/training/elastic.py", "tests/test_torchrun_elastic.py::"
 EXACT = "src/training/eval/exact_normalizers.py"
 REGIME = "tests/test_regime.py::test_anchor_log_normalizers_match_float64_brute_force"
@@ -196,6 +197,12 @@ MUTANTS = [
     m("accumulation_logit_scale_not_detached", FEATS,
       "logit_scale=logit_scale if carries_step_gradient else logit_scale.detach(),",
       "logit_scale=logit_scale,", [ACC], "τ differentiated in every micro-batch pass"),
+    m("nonfinite_host_stop_waits_for_logging", LOOP, "    if count_now:\n        _check_nonfinite_limit(state, args)\n",
+      "    if count_now:\n        state.settle()\n", [OBS + "test_both_optimizer_paths_skip_count_warn_and_stop_alike"],
+      "an optimizer without device-side skipping (LAMB) stops only at the next logging step, after more NaN steps"),
+    m("training_log_meters_not_reset", LOG_PY, "            self.batch_time, self.data_time = Meter(), Meter()\n",
+      "            pass\n", [OBS + "test_training_log_averages_the_timings_since_the_previous_logging_step"],
+      "the logged step time and samples/s averaged over the epoch so far instead of since the last line"),
     # ------------------------------------------------------------------------- preemption flags
     m("preemption_due_sent_again", PRE_PY, "int(due and not self._due_in_flight)", "int(due)", [FLAGS],
       "a timed checkpoint written twice, on consecutive steps, under torchrun"),

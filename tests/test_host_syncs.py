@@ -88,6 +88,7 @@ def run_steps(family: str, device: torch.device, mark, flags=None, precision="fp
     """STEPS steps of `training.loop.train_one_epoch` (logging at the last); returns `mark()` at each
     step boundary (STEPS + 1 values). `flags` replace the family's training flags."""
     from contrastive import build_method
+    from training.logger import TrainingLog
     from training.loop import train_one_epoch
     from training.train_state import TrainState
     from training.optim import build_optimizer
@@ -104,9 +105,10 @@ def run_steps(family: str, device: torch.device, mark, flags=None, precision="fp
     optimizer = build_optimizer(model, method, args)
     scheduler = LRScheduler(optimizer, args, STEPS)
     tb = SimpleNamespace(scalars=lambda *a, **k: None)
-    data = StepMarks(batches, mark)
+    data, state = StepMarks(batches, mark), TrainState()
     train_one_epoch(model=model, method=method, data=data, optimizer=optimizer, scaler=None,
-                    scheduler=scheduler, state=TrainState(), epoch=0, args=args, device=device, tb=tb)
+                    scheduler=scheduler, state=state, epoch=0, args=args, device=device,
+                    observers=[TrainingLog(state, model, method, data, tb, args)])
     return data.marks
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from training import preemption
+from training.observers import StepResult
 from training.preemption import StepCheckpoints, StopSignals
 
 WORLD = 2
@@ -31,7 +32,7 @@ def _script(rank: int) -> dict:
             clock[0] = 61.0  # rank 0's clock: a --save-every-n-minutes 1 checkpoint is due
         if step == 5 and rank == 1:
             signals.code = 1  # SIGTERM reaches rank 1 only
-        mid_epoch.append([step, control.after_step(step, 0, step, 100), len(saved)])
+        mid_epoch.append([step, control.after_step(StepResult(step, 0, step, 100)), len(saved)])
         if control.stopped_at:
             break
     first = {"steps": mid_epoch, "saved": saved, "stopped_at": control.stopped_at}
@@ -41,7 +42,7 @@ def _script(rank: int) -> dict:
     control2 = StepCheckpoints(Namespace(save_every_n_steps=0, save_every_n_minutes=0, no_requeue=True,
                                          is_master=rank == 0), signals2,
                                lambda position: saved2.append(position) or "epoch.pt", "cpu")
-    assert not control2.after_step(1, 0, 1, 2)
+    assert not control2.after_step(StepResult(1, 0, 1, 2))
     if rank == 0:
         signals2.code = 2  # SIGUSR1 on rank 0 only, after the last mid-epoch boundary
     stopped = control2.at_epoch_end(2, 1)

@@ -113,7 +113,7 @@ def test_train_step_equals_the_loops_step(method):
     data = SimpleNamespace(dataloader=batches, num_batches=steps, start_batch=0, skipped=lambda: 0)
     method_a.on_epoch_start(0)
     train_one_epoch(model=model_a, method=method_a, data=data, optimizer=opt_a, scaler=None, scheduler=sched_a,
-                    state=state_a, epoch=0, args=args, device=torch.device("cpu"), tb=None)
+                    state=state_a, epoch=0, args=args, device=torch.device("cpu"))
 
     args_b, model_b, method_b, opt_b, sched_b = _build(flags, n, steps)
     state_b = TrainState()

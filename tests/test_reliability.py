@@ -27,6 +27,7 @@ from training.data.loader import get_data
 from training.main import main
 from training.params import parse_args
 from training import preemption
+from training.observers import StepResult
 from training.preemption import EXIT_REQUEUE, StepCheckpoints, StopSignals, slurm_job_id
 from training.data.synthetic.shards import write_shards
 
@@ -154,14 +155,14 @@ def test_checkpoint_schedule_by_steps_minutes_and_signal(monkeypatch):
     args = Namespace(save_every_n_steps=5, save_every_n_minutes=1.0, no_requeue=False, is_master=True)
     signals = StopSignals()
     control = StepCheckpoints(args, signals, lambda position: saved.append(position) or "ckpt.pt", "cpu")
-    assert not control.after_step(1, 0, 1, 8) and saved == []
+    assert not control.after_step(StepResult(1, 0, 1, 8)) and saved == []
     clock[0] = 61.0  # a minute since the start: due
-    assert not control.after_step(2, 0, 2, 8) and saved == [{"epoch": 0, "batch": 2}]
+    assert not control.after_step(StepResult(2, 0, 2, 8)) and saved == [{"epoch": 0, "batch": 2}]
     clock[0] = 100.0  # 39 s since that checkpoint: not due; step 5: due
-    assert not control.after_step(3, 0, 3, 8) and len(saved) == 1
-    assert not control.after_step(5, 0, 5, 8) and saved[-1] == {"epoch": 0, "batch": 5}
+    assert not control.after_step(StepResult(3, 0, 3, 8)) and len(saved) == 1
+    assert not control.after_step(StepResult(5, 0, 5, 8)) and saved[-1] == {"epoch": 0, "batch": 5}
     signals.code = 1  # what the SIGTERM handler sets
-    assert not control.after_step(8, 0, 8, 8)  # the epoch's last step: left to at_epoch_end
+    assert not control.after_step(StepResult(8, 0, 8, 8))  # the epoch's last step: left to at_epoch_end
     assert control.at_epoch_end(8, 1) and saved[-1] == {"epoch": 1, "batch": 0}
     assert control.stopped_at == (8, "ckpt.pt")
     assert slurm_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "3"}) == "7_3"

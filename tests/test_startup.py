@@ -15,7 +15,8 @@ import torch
 from training.data.synthetic.shards import write_shards
 from training.main import main
 from training.params import default_run_name, parse_args
-from training.progress import ProgressControl
+from training.observers import StepResult, notify
+from training.progress import ProgressBar
 from training.startup.threads import choose_threads, default_workers
 from training.errors import UserError
 
@@ -250,18 +251,19 @@ def test_progress_bar_only_when_asked(tmp_path, capsys, single_torch_thread):
     assert "step/s" not in capsys.readouterr().err
 
 
-def test_progress_control_delegates_the_stop_decision():
-    """Bug this guards: wrapping the loop's control object must not swallow a preemption stop."""
+def test_progress_bar_beside_the_control_keeps_the_stop_decision():
+    """Bug this guards: the progress bar, an observer beside the loop's control object, must not swallow a
+    preemption stop (the loop's `notify` must pass on the control's True whatever the bar answers), and
+    must move to the reported step with the samples/s of its own clock."""
     class Bar:
         n, initial, format_dict = 0, 0, {"elapsed": 1.5}
         def update(self, k): self.n += k
         def set_postfix_str(self, text, refresh=False): self.postfix = text
 
     class Control:
-        stopped_at = None
-        def after_step(self, step, *rest): return step == 3
+        def after_step(self, result): return result.step == 3
 
     bar = Bar()
-    wrapped = ProgressControl(Control(), bar, samples_per_step=16)
-    assert [wrapped.after_step(s, 0, s, 5) for s in (1, 2, 3)] == [False, False, True]
-    assert bar.n == 3 and bar.postfix == "32 samples/s" and wrapped.stopped_at is None  # 3 steps x 16 / 1.5 s
+    observers = [ProgressBar(bar, samples_per_step=16), Control()]
+    assert [notify(observers, StepResult(s, 0, s, 5)) for s in (1, 2, 3)] == [False, False, True]
+    assert bar.n == 3 and bar.postfix == "32 samples/s"  # 3 steps x 16 / 1.5 s

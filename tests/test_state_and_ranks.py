@@ -225,7 +225,7 @@ def test_loop_clamps_logit_scale_at_its_bounds(start, direction, bound):
             seen.append(model.logit_scale.item())
             return False
     train_one_epoch(model=model, method=method, data=data, optimizer=optimizer, scaler=None, scheduler=scheduler,
-                    state=TrainState(), epoch=0, args=args, device=torch.device("cpu"), tb=None, control=Control())
+                    state=TrainState(), epoch=0, args=args, device=torch.device("cpu"), observers=[Control()])
     assert seen == [torch.tensor(bound, dtype=torch.float32).item()] * 3  # the bound, in logit_scale's dtype
 
 

@@ -8,7 +8,25 @@ can raise these without importing each other.
 """
 from __future__ import annotations
 
+import os
 import re
+
+# The process's exit statuses, one place: scripts and launchers tell "fix the command" (2, argparse's own),
+# "stopped by the scheduler, checkpoint written, run again" (75, EX_TEMPFAIL) and Ctrl-C (130 = 128 + SIGINT,
+# what a shell reports) apart; anything else is a bug or a fault of the machine.
+EXIT_USER_ERROR = 2
+EXIT_REQUEUE = 75
+EXIT_INTERRUPTED = 130
+
+
+def env_rank() -> int:
+    """This process's global rank from the launcher, before any process group exists: the rank that says a
+    mistake or a stop in one line (every rank would repeat it)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 class UserError(ValueError):

@@ -1,7 +1,8 @@
 """One epoch of training. Method-agnostic: the loop never asks which method it runs.
 
 An epoch may start mid-way (resume): the data yields batches from `data.start_batch` on. After every
-step `control.after_step(...)` (training.preemption.StepCheckpoints) may write a checkpoint and stop.
+step the loop passes one StepResult to each of its observers (training.observers: the log line, the
+estimation error, the progress bar, the checkpoints), any of which may stop the run.
 
 Host syncs: with an optimizer that steps on the device (torch's fused AdamW, the default) a step reads
 nothing back from the accelerator except at logging steps, so the host runs ahead and the GPU never
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -24,6 +26,7 @@ from contrastive.base import STEP_SKIPPED
 
 from training.data.info import images_to_device
 from training.distributed import unwrap
+from training.observers import StepObserver, StepResult, notify
 from training.optim import steps_on_device
 from training.train_state import TrainState
 
@@ -56,56 +59,33 @@ def _check_nonfinite_limit(state: TrainState, args) -> None:
             "set --grad-clip-norm, raise --fastclip_eps, or use --precision fp32/amp_bf16")
 
 
-class Meter:
-    def __init__(self):
-        self.total, self.count = 0.0, 0
-
-    def add(self, value: float, n: int = 1) -> None:
-        self.total += value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.total / max(self.count, 1)
-
-
 def train_one_epoch(*, model, method, data, optimizer, scaler, scheduler, state: TrainState, epoch: int,
-                    args, device, tb, control=None, diagnostics=None) -> bool:
-    """Returns True when `control` stopped the run mid-epoch (its checkpoint is written)."""
+                    args, device, observers: Sequence[StepObserver] = ()) -> bool:
+    """Trains the epoch's remaining batches; after each step passes a StepResult to every observer
+    (training.observers). Returns True when an observer stopped the run mid-epoch (StepCheckpoints: its
+    checkpoint is written)."""
     model.train()
     method.train()
-    batches = data.dataloader
     steps_this_epoch = data.num_batches
-    batch_time, data_time = Meter(), Meter()
-    global_batch = args.batch_size * args.world_size * args.accum_freq
-    raw_model = unwrap(model)
-    state.max_nonfinite = args.max_nonfinite_steps
     end = time.perf_counter()
-    for i, (images, texts, keys) in enumerate(batches, start=data.start_batch):
+    for i, (images, texts, keys) in enumerate(data.dataloader, start=data.start_batch):
         if i >= steps_this_epoch:
             break
         images = images_to_device(data, images, device, input_dtype(args.precision))  # fast pipeline: normalised here
         texts = texts.to(device, non_blocking=True)
         keys = keys.to(device, non_blocking=True)
-        data_time.add(time.perf_counter() - end)
+        data_seconds = time.perf_counter() - end
         _, out, lrs = train_step(model=model, method=method, optimizer=optimizer, scaler=scaler,
                                  scheduler=scheduler, state=state, images=images, texts=texts, keys=keys,
                                  epoch=epoch, args=args, device=device)
-
-        batch_time.add(time.perf_counter() - end)
+        batch_seconds = time.perf_counter() - end
         end = time.perf_counter()
-        last = i + 1 == steps_this_epoch
-        if i % args.log_every_n_steps == 0 or last:  # open_clip's: each epoch's first batch, every n-th, its last
+        logged_terms = None  # open_clip's logging steps: each epoch's first batch, every n-th, its last
+        if i % args.log_every_n_steps == 0 or i + 1 == steps_this_epoch:
             _check_nonfinite_limit(state, args)
-            terms = _mean_over_ranks(out.terms)  # collective: every rank takes part
-            if args.is_master:
-                _log_step(state, epoch, i + 1, steps_this_epoch, terms, lrs, raw_model, method, data,
-                          batch_time, data_time, global_batch, tb, args)
-            batch_time, data_time = Meter(), Meter()
-        if diagnostics is not None:  # normalizer estimation error, every --est-err-every steps
-            diagnostics.after_step(raw_model, method, step=state.step, epoch=epoch + (i + 1) / steps_this_epoch,
-                                   epoch_end=last)
-        if control is not None and control.after_step(state.step, epoch, i + 1, steps_this_epoch):
+            logged_terms = _mean_over_ranks(out.terms)  # collective: every rank takes part
+        result = StepResult(state.step, epoch, i + 1, steps_this_epoch, logged_terms, lrs, data_seconds, batch_seconds)
+        if notify(observers, result):
             return True
     return False
 
@@ -204,39 +184,46 @@ def _step_optimizer(model, method, optimizer, scaler, args, state: TrainState):
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
     else:  # the norm only (clipping at ∞ would still multiply every gradient by 1)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if steps_on_device(optimizer):
-        finite = torch.isfinite(norm)
-        optimizer.found_inf = finite.logical_not().float()  # read by the fused kernel; 1 skips the step
+    on_device = steps_on_device(optimizer)
+    nonfinite = _guard_nonfinite(norm, state, args, count_now=not on_device)
+    if on_device:
+        optimizer.found_inf = nonfinite.float()  # read by the fused kernel; 1 skips the step
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
         if scaler is not None:  # its own inf check (from unscale_) sets the next scale
             scaler.update()
-        state.pending.append((state.step, finite.logical_not()))
-        if len(state.pending) >= MAX_PENDING_SKIP_FLAGS:
-            state.settle()
-        return finite
-    if not torch.isfinite(norm):
-        state.skipped_nonfinite += 1
-        state.consecutive_nonfinite += 1
-        log.warning("non-finite gradient at step %d: step skipped (%d so far)", state.step,
-                    state.skipped_nonfinite)
-        if state.consecutive_nonfinite >= args.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{state.consecutive_nonfinite} consecutive non-finite steps: lower --lr or --lr_tau, "
-                "set --grad-clip-norm, raise --fastclip_eps, or use --precision fp32/amp_bf16")
+        return nonfinite.logical_not()
+    if nonfinite:  # a host tensor: read without another sync
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
         return False
-    state.consecutive_nonfinite = 0
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     return True
+
+
+def _guard_nonfinite(norm: torch.Tensor, state: TrainState, args, *, count_now: bool) -> torch.Tensor:
+    """The one non-finite guard of both optimizer paths: whether the gradient norm is non-finite, as a 0-dim
+    bool tensor, queued in `state.pending`; settling the queue warns, counts, and at --max-nonfinite-steps
+    consecutive skips stops the run (_check_nonfinite_limit). On the device the flag stays queued until the
+    next logging step (no host sync per step); with `count_now` (an optimizer that cannot skip on the
+    device, so the host must decide anyway) it is brought to the host and settled at once: one sync, and
+    the warning and the stop come at this very step."""
+    nonfinite = torch.isfinite(norm).logical_not()
+    if count_now:
+        nonfinite = nonfinite.cpu()
+    state.pending.append((state.step, nonfinite))
+    if count_now:
+        _check_nonfinite_limit(state, args)
+    elif len(state.pending) >= MAX_PENDING_SKIP_FLAGS:
+        state.settle()
+    return nonfinite
 
 
 def _mean_over_ranks(terms: dict) -> dict:
@@ -262,28 +249,3 @@ def average_method_grads(method) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def _log_step(state, epoch, batch_in_epoch, steps_this_epoch, terms, lrs, raw_model, method, data,
-              batch_time, data_time, global_batch, tb, args) -> None:
-    values = {name: float(v) for name, v in terms.items()}
-    lrs = {name: float(v) for name, v in lrs.items()}  # a device tensor under step_thresh
-    state.history.append((state.step, values))
-    logit_scale = raw_model.logit_scale.exp().item()
-    extra = {name: float(v) for name, v in method.scalars().items()}
-    samples_per_s = global_batch / max(batch_time.avg, 1e-9)
-    percent = 100.0 * batch_in_epoch / steps_this_epoch
-    loss_str = " ".join(f"{k}: {v:.5g}" for k, v in values.items())
-    lr_str = " ".join(f"{k}: {v:.3g}" for k, v in lrs.items())
-    extra_str = " ".join(f"{k}: {v:.4g}" for k, v in extra.items())
-    skipped = data.skipped()
-    log.info(f"Train Epoch: {epoch} [{batch_in_epoch}/{steps_this_epoch} ({percent:.0f}%)] "
-             f"Data (t): {data_time.avg:.3f} Batch (t): {batch_time.avg:.3f}, "
-             f"{samples_per_s:.1f}/s, {loss_str} {lr_str} Logit Scale: {logit_scale:.3f} "
-             f"{extra_str} skipped_samples: {skipped} nonfinite_steps: {state.skipped_nonfinite}")
-    # open_clip's names (loss, scale, samples_per_second_per_gpu) beside this project's own.
-    tb.scalars("train", {**values, **lrs, **extra, "logit_scale": logit_scale, "scale": logit_scale,
-                         "data_time": data_time.avg, "batch_time": batch_time.avg,
-                         "samples_per_second": samples_per_s,
-                         "samples_per_second_per_gpu": samples_per_s / args.world_size, "skipped_samples": skipped,
-                         "nonfinite_steps": state.skipped_nonfinite}, state.step - 1)  # open_clip's step: from 0

@@ -59,8 +59,9 @@ from training.interop.model_setup import apply_model_flags, create_kwargs
 from training.interop.open_clip_flags import apply_logging_flags
 from training.interop.remote_sync import RemoteSync
 from training.interop.reporting import build_reporters
-from training.logger import record_in_log_files, setup_logging
+from training.logger import TrainingLog, record_in_log_files, setup_logging
 from training.loop import train_one_epoch
+from training.observers import EstimationErrorSteps
 from training.optim import build_optimizer
 from training.params import parse_args, resolve_precision, schedule_numbers
 from training.preemption import Preempted, StepCheckpoints, StopSignals
@@ -255,14 +256,16 @@ def train_epochs(run: Run, state: TrainState, start_epoch: int, start_batch: int
         results = evaluate(model, data, start_epoch, args, tokenizer, preprocess_val, tb, run_dir,
                            stop_requested) or results
         stopped_in_eval = broadcast_object(bool(signals.code)) and control.at_epoch_end(state.step, start_epoch)
-    control = progress.wrap(args, control, total_steps=steps_per_epoch * last_epoch, start_step=state.step,
-                            samples_per_step=run.global_batch)
+    bar = progress.start(args, total_steps=steps_per_epoch * last_epoch, start_step=state.step,
+                         samples_per_step=run.global_batch)
     for epoch in range(start_epoch, start_epoch if stopped_in_eval else last_epoch):
         data["train"].set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         method.on_epoch_start(epoch)
         if train_one_epoch(model=ddp_model, method=method, data=data["train"], optimizer=optimizer,
                            scaler=scaler, scheduler=scheduler, state=state, epoch=epoch, args=args,
-                           device=info.device, tb=tb, control=control, diagnostics=diagnostics):
+                           device=info.device,
+                           observers=[TrainingLog(state, model, method, data["train"], tb, args),
+                                      EstimationErrorSteps(diagnostics, model, method), bar, control]):
             break
         completed = epoch + 1
         written = checkpoints.save_epoch(completed, state)

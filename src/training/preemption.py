@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 
 from training.distributed import barrier, is_distributed
-from training.startup.cli import EXIT_INTERRUPTED, env_rank
+from training.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, env_rank
+from training.observers import StepResult
 
 log = logging.getLogger(__name__)
-EXIT_REQUEUE = 75
 # The MAX over ranks decides: SIGUSR1 (requeue) over SIGTERM, and a person's Ctrl-C over both (no requeue).
 SIGNAL_CODES = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGINT: 3}
 SIGNAL_NAMES = {code: signal.Signals(sig).name for sig, code in SIGNAL_CODES.items()}
@@ -192,12 +192,13 @@ class StepCheckpoints:
         self.exit_code = EXIT_REQUEUE
         self.name = getattr(args, "name", None)
 
-    def after_step(self, step: int, epoch: int, batch: int, epoch_batches: int) -> bool:
-        """True when the run must stop now (its checkpoint is written). The epoch's last step is left to
-        `at_epoch_end`, which comes after the epoch's checkpoint and evaluation."""
-        if batch >= epoch_batches:
+    def after_step(self, result: StepResult) -> bool:
+        """The loop's step observer (training.observers): True when the run must stop now (its checkpoint is
+        written). The epoch's last step is left to `at_epoch_end`, which comes after the epoch's checkpoint
+        and evaluation."""
+        if result.is_epoch_end:
             return False
-        return self._boundary(step, {"epoch": epoch, "batch": batch})
+        return self._boundary(result.step, {"epoch": result.epoch, "batch": result.batch})
 
     def at_epoch_end(self, step: int, completed_epochs: int) -> bool:
         return self._boundary(step, {"epoch": completed_epochs, "batch": 0}, now=True)

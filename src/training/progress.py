@@ -1,14 +1,16 @@
-"""A progress bar on rank 0 (tqdm: steps, samples/s, ETA), with no change to the training loop.
+"""A progress bar on rank 0 (tqdm: steps, samples/s, ETA): one of the loop's step observers.
 
-The loop already calls `control.after_step(step, ...)` after every step (training.preemption), so the
-bar wraps that object: `ProgressControl(control, bar)` advances the bar, then delegates. While the bar
-is shown, console log lines go through `tqdm.write` so they print above it instead of through it.
-Shown when stderr is a terminal, or with --progress; never in files or tests unless asked.
+`ProgressBar.after_step(result)` (training.observers) moves the bar to the step the loop reports; it never
+stops the run. While the bar is shown, console log lines go through `tqdm.write` so they print above it
+instead of through it. Shown when stderr is a terminal, or with --progress; never in files or tests unless
+asked: elsewhere `start` returns an observer that does nothing.
 """
 from __future__ import annotations
 
 import logging
 import sys
+
+from training.observers import StepResult
 
 
 def wanted(args, stream=None) -> bool:
@@ -18,23 +20,22 @@ def wanted(args, stream=None) -> bool:
     return bool(args.progress) or (hasattr(stream, "isatty") and stream.isatty())
 
 
-class ProgressControl:
-    """Delegates to the loop's control object; after each step moves the bar to that step."""
+class ProgressBar:
+    """After each step moves the bar (None: no bar shown, nothing to do) to that step."""
 
-    def __init__(self, control, bar, samples_per_step: int):
-        self._control, self._bar, self._samples_per_step = control, bar, samples_per_step
+    def __init__(self, bar, samples_per_step: int):
+        self._bar, self._samples_per_step = bar, samples_per_step
 
-    def after_step(self, step, *rest, **kwargs):
+    def after_step(self, result: StepResult) -> bool:
+        if self._bar is None:
+            return False
         # The rate from the bar's own clock: tqdm's smoothed `rate` stays None until a refresh interval has
         # passed, so a short run (or a fast machine) would never show samples/s.
-        steps, elapsed = step - self._bar.initial, self._bar.format_dict.get("elapsed", 0.0)
+        steps, elapsed = result.step - self._bar.initial, self._bar.format_dict.get("elapsed", 0.0)
         if steps > 0 and elapsed > 0:
             self._bar.set_postfix_str(f"{steps / elapsed * self._samples_per_step:,.0f} samples/s", refresh=False)
-        self._bar.update(step - self._bar.n)
-        return self._control.after_step(step, *rest, **kwargs)
-
-    def __getattr__(self, name):  # at_epoch_end, stopped_at, ...
-        return getattr(self._control, name)
+        self._bar.update(result.step - self._bar.n)
+        return False
 
 
 class _TqdmStream:
@@ -55,11 +56,11 @@ class _TqdmStream:
 _active: list[tuple[object, list]] = []  # (bar, [(console handler, its stream)]) while a bar is shown
 
 
-def wrap(args, control, *, total_steps: int, start_step: int, samples_per_step: int, stream=None):
-    """The control object to pass to the loop: `control` itself when no bar is wanted. close_all() ends
-    the bar and gives the console its stream back."""
+def start(args, *, total_steps: int, start_step: int, samples_per_step: int, stream=None) -> ProgressBar:
+    """The bar's step observer, to pass to the loop: one that does nothing when no bar is wanted.
+    close_all() ends the bar and gives the console its stream back."""
     if not wanted(args, stream):
-        return control
+        return ProgressBar(None, samples_per_step)
     from tqdm import tqdm  # noqa: PLC0415  (only when a bar is shown)
     stream = sys.stderr if stream is None else stream
     bar = tqdm(total=total_steps, initial=start_step, unit="step", file=stream, dynamic_ncols=True,
@@ -67,7 +68,7 @@ def wrap(args, control, *, total_steps: int, start_step: int, samples_per_step: 
     consoles = [h for h in logging.getLogger().handlers
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     _active.append((bar, [(h, h.setStream(_TqdmStream(h.stream))) for h in consoles]))
-    return ProgressControl(control, bar, samples_per_step)
+    return ProgressBar(bar, samples_per_step)
 
 
 def close_all() -> None:

@@ -11,22 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 
-from training.errors import is_user_error, one_line
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
-
-
-def env_rank() -> int:
-    """This process's global rank from the launcher, before any process group exists."""
-    for var in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+from training.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, env_rank, is_user_error, one_line  # noqa: F401
 
 
 def parse_quietly_off_rank_0(parse, argv):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 
+from training.batching import global_batch
 from training.data.checks import (DataConfigError, MissingData, check_csv, check_enough_shards, check_shards_exist,
                                   expand_shard_urls, require_train_num_samples)
 from training.errors import UserError
@@ -53,7 +54,7 @@ def check_data(args, path: str, is_train: bool) -> None:
     kind = data_type(args, path, flag)
     if kind == "csv":
         rows = check_csv(path, args.csv_img_key, args.csv_caption_key, args.csv_separator, flag)
-        batch = args.batch_size * args.world_size * args.accum_freq
+        batch = global_batch(args)
         if is_train and rows < batch:
             raise DataConfigError(f"0 steps per epoch: {flag} {path} has {rows} rows, less than one global "
                                   f"batch ({batch}); lower --batch-size or use more data")

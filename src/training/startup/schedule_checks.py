@@ -22,13 +22,10 @@ import logging
 import os
 from collections import defaultdict
 
+from training.batching import global_batch
 from training.errors import UserError
 
 log = logging.getLogger("training")
-
-
-def global_batch(args) -> int:
-    return args.batch_size * args.world_size * args.accum_freq
 
 
 def info_json_samples(pattern: str | None) -> tuple[int, str] | None:
