@@ -33,8 +33,9 @@ FLAGS = "tests/test_rank_flags.py"
 PRE_PY = "src/training/preemption.py"
 REFCMD = "tests/test_reference_command.py::test_reference_command_runs_the_temperature_gradient_its_rho_was_tuned_with"
 
-CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py", "src/contrastive/temperature.py"
+CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/moving_average.py", "src/contrastive/temperature.py"
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
+COMM_PY = "src/contrastive/comm.py"
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint.py", "src/training/data/position.py"
 FEATS = "src/contrastive/features.py"
 ELASTIC, ELASTIC_TEST = "src/training/elastic.py", "tests/test_torchrun_elastic.py::"
@@ -101,8 +102,8 @@ MUTANTS = [
     m("tau_global_factor_inverted", TEMP, "            tau = 1.0 / fp32(feats.logit_scale).reshape(())\n",
       "            tau = fp32(feats.logit_scale).reshape(())\n", [GCL, PAPER], "RGCL-g multiplied by λ instead of τ"),
     # -------------------------------------------------------------------------------------- NPN
-    m("npn_alpha_without_log_m", NPN_PY, "return log_eps_plus(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)",
-      "return log_eps_plus(logits.logsumexp(dim=1), eps)", [NPN, PAPER], "sum instead of mean over prototypes"),
+    m("npn_alpha_without_log_m", NPN_PY, "return log_eps_plus_exp(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)",
+      "return log_eps_plus_exp(logits.logsumexp(dim=1), eps)", [NPN, PAPER], "sum instead of mean over prototypes"),
     m("npn_closed_form_radial_sign", NPN_PY, "grad = self.weight * (radial * inv_norms.square()).neg_()[:, None]",
       "grad = self.weight * (radial * inv_norms.square())[:, None]", [NPN, PAPER],
       "sign of the normalisation's projection term in ∂J/∂W"),
@@ -117,8 +118,8 @@ MUTANTS = [
       "p.addcdiv_(g, sum_sq.clone().add_(self.eps), value=-self.lr)", [NPN, PAPER], "G instead of √G"),
     m("adagrad_forgets", NPN_PY, "sum_sq.addcmul_(g, g)", "sum_sq.copy_(g * g)", [NPN, PAPER],
       "accumulator replaced, not summed (RMSprop-like sign steps)"),
-    m("npn_grads_not_averaged_over_ranks", NPN_PY, "    if not comm.is_distributed():\n        return grads\n",
-      "    if True:\n        return grads\n", [NDIST], "every rank steps its NPN with its own gradient"),
+    m("npn_grads_not_averaged_over_ranks", COMM_PY, "    if not is_distributed():\n        return tensors\n",
+      "    if True:\n        return tensors\n", [NDIST], "every rank steps its NPN with its own gradient"),
     # ---------------------------------------------------------------------------------- NeuCLIP
     m("restart_subset_wrong_modality", NEU, "return texts[pick], images[pick]", "return images[pick], texts[pick]",
       [PAPER], "m ≤ N restart: each NPN seeded with its own modality's embeddings"),
@@ -172,7 +173,7 @@ MUTANTS = [
       "return torch.exp(log_norm - a) + a", [PAPER], "eq. 12 without −1: τ's gradient shifted by 2"),
     m("tau_grad_flag_inverted", GCL_PY, 'args.tau_grad == "reference"', 'args.tau_grad != "reference"', [GCL, PAPER],
       "--tau_grad exact runs the reference's double count"),
-    m("tau_grad_default_exact", "src/training/params.py", 'dest="tau_grad", default="reference"',
+    m("tau_grad_default_exact", GCL_PY, 'dest="tau_grad", default="reference"',
       'dest="tau_grad", default="exact"', [REFCMD],
       "the reference command (no --tau_grad) no longer runs the gradient its ρ were tuned with"),
     m("nonfinite_estimates_kept", GCL_PY, "return torch.where(torch.isfinite(a), a, batch_value)", "return a", [GCL],

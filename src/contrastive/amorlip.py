@@ -20,15 +20,21 @@ import math
 
 import torch
 
-from .estimator import BatchStats, Estimate, NormalizerEstimator, register_estimator
+from .comm import average_over_ranks_
+from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
-from .npn import Adam, ResidualMLPNPN, Stopwatch, average_over_ranks_, regression_objective, seeded_generator
+from .npn import Adam, ResidualMLPNPN, Stopwatch, regression_objective, seeded_generator
+from .registry import ESTIMATOR, Entry, both_spellings, register
+
+#: AmorLIP's defaults, written once: the flags' defaults and the constructor's.
+DEFAULTS = {"amorlip_lr": 1e-3, "amorlip_ema": 0.92, "amorlip_target_mix": 0.0, "amorlip_mix_epochs": 15}
 
 
 class AmorLIPEstimator(NormalizerEstimator):
 
-    def __init__(self, embed_dim: int, *, lr: float = 1e-3, repetition: int = 10, ema: float = 0.92,
-                 target_mix: float = 0.0, mix_epochs: int = 15, hidden: int | None = None, seed: int = 0):
+    def __init__(self, embed_dim: int, *, lr: float = DEFAULTS["amorlip_lr"], repetition: int = 10,
+                 ema: float = DEFAULTS["amorlip_ema"], target_mix: float = DEFAULTS["amorlip_target_mix"],
+                 mix_epochs: int = DEFAULTS["amorlip_mix_epochs"], hidden: int | None = None, seed: int = 0):
         super().__init__()
         hidden = hidden or embed_dim  # AmorLIP's default width factor 1
 
@@ -154,9 +160,28 @@ def _copy_(dst: torch.nn.Module, src: torch.nn.Module) -> None:
         d.copy_(s)
 
 
-@register_estimator("amorlip")
+def add_amorlip_arguments(group) -> None:
+    def flag(name, **options):
+        group.add_argument(*both_spellings(name), dest=name, default=DEFAULTS[name], **options)
+    group.add_argument("--amorlip", action="store_true", help="AmorLIP baseline: --estimator amorlip")
+    flag("amorlip_lr", type=float,
+         help="AmorLIP: Adam lr of the normalizer MLPs (--npn_repetition steps per encoder step)")
+    flag("amorlip_ema", type=float,
+         help="AmorLIP: EMA β of the network whose predictions weight the encoder's negatives")
+    flag("amorlip_target_mix", type=float,
+         help="AmorLIP: final weight of the previous epoch's network in the regression target "
+              "(0: off; AmorLIP's --fit_w_prev used 0.8)")
+    flag("amorlip_mix_epochs", type=int, help="AmorLIP: epochs over which the target mix weight rises on a cosine")
+
+
 def build_amorlip(args, embed_dim: int) -> AmorLIPEstimator:
+    def option(name):  # flags a caller's namespace may lack take AmorLIP's defaults
+        return getattr(args, name, DEFAULTS[name])
     return AmorLIPEstimator(
-        embed_dim, lr=getattr(args, "amorlip_lr", 1e-3), repetition=args.npn_repetition,
-        ema=getattr(args, "amorlip_ema", 0.92), target_mix=getattr(args, "amorlip_target_mix", 0.0),
-        mix_epochs=getattr(args, "amorlip_mix_epochs", 15), seed=getattr(args, "seed", 0))
+        embed_dim, lr=option("amorlip_lr"), repetition=args.npn_repetition, ema=option("amorlip_ema"),
+        target_mix=option("amorlip_target_mix"), mix_epochs=option("amorlip_mix_epochs"),
+        seed=getattr(args, "seed", 0))
+
+
+register(Entry("amorlip", ESTIMATOR, build_amorlip, add_arguments=add_amorlip_arguments, selecting_flag="amorlip",
+               flag_group="NeuCLIP normalizer-prediction network"))

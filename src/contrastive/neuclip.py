@@ -30,14 +30,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .estimator import BatchStats, Estimate, NormalizerEstimator, register_estimator
+from .comm import average_over_ranks_
+from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
-from .npn import (OBJECTIVES, AdaGrad, PrototypeNPN, ResidualMLPNPN, Stopwatch, average_over_ranks_,
-                  per_anchor, seeded_generator)
+from .npn import OBJECTIVES, AdaGrad, PrototypeNPN, ResidualMLPNPN, Stopwatch, per_anchor, seeded_generator
+from .registry import ESTIMATOR, Entry, both_spellings, register
 
 #: Std of the noise (relative to a unit embedding) that keeps `--npn_fill resample` duplicates apart;
 #: identical prototypes get identical gradients and would never separate.
 RESAMPLE_NOISE = 0.05
+
+#: NeuCLIP's defaults, written once: the flags' defaults (`add_npn_arguments`) and the constructor's.
+DEFAULTS = {"npn_lr": 1.0, "npn_num_protos": 4096, "npn_repetition": 10, "npn_restart_iter": 500,
+            "npn_arch": "prototype", "npn_objective": "unified", "npn_update": "alternating",
+            "npn_init_scale": 20.0, "npn_adagrad_reset": "restart", "npn_fill": "ring", "npn_mlp_lr": 1e-3}
 
 
 @dataclass
@@ -54,10 +60,13 @@ class NeuCLIPEstimator(NormalizerEstimator):
     #: gcl builds eq. 12's encoder objective τ·mean[exp(−α)(ε+g) + α] + 2τ(ρ−1) for this estimator.
     objective = "unified"
 
-    def __init__(self, embed_dim: int, *, num_protos: int = 4096, lr: float = 1.0, repetition: int = 10,
-                 restart_every: int = 500, arch: str = "prototype", objective: str = "unified",
-                 update: str = "alternating", fill: str = "ring", adagrad_reset: str = "restart",
-                 init_scale: float = 20.0, mlp_lr: float = 1e-3, seed: int = 0, gemm: str = "fp32"):
+    def __init__(self, embed_dim: int, *, num_protos: int = DEFAULTS["npn_num_protos"],
+                 lr: float = DEFAULTS["npn_lr"], repetition: int = DEFAULTS["npn_repetition"],
+                 restart_every: int = DEFAULTS["npn_restart_iter"], arch: str = DEFAULTS["npn_arch"],
+                 objective: str = DEFAULTS["npn_objective"], update: str = DEFAULTS["npn_update"],
+                 fill: str = DEFAULTS["npn_fill"], adagrad_reset: str = DEFAULTS["npn_adagrad_reset"],
+                 init_scale: float = DEFAULTS["npn_init_scale"], mlp_lr: float = DEFAULTS["npn_mlp_lr"],
+                 seed: int = 0, gemm: str = "fp32"):
         super().__init__()
         if arch == "prototype":
             self.npn_img, self.npn_txt = PrototypeNPN(num_protos, embed_dim), PrototypeNPN(num_protos, embed_dim)
@@ -244,12 +253,49 @@ def _jitter(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return F.normalize(F.normalize(rows, dim=1) + noise * (RESAMPLE_NOISE / math.sqrt(rows.shape[1])), dim=1)
 
 
-@register_estimator("npn")
+# ----------------------------------------------------------------------------------- registry entry
+
+def add_npn_arguments(group) -> None:
+    def flag(name, **options):
+        group.add_argument(*both_spellings(name), dest=name, default=DEFAULTS[name], **options)
+    group.add_argument("--npn", action="store_true", help="NeuCLIP: --estimator npn")
+    flag("npn_lr", type=float)
+    flag("npn_num_protos", type=int)
+    flag("npn_repetition", type=int)
+    flag("npn_restart_iter", type=int, help="T_r; 0 or negative: never restart")
+    flag("npn_arch", choices=["prototype", "mlp"])
+    flag("npn_objective", choices=["unified", "regression"])
+    flag("npn_update", choices=["alternating", "simultaneous"])
+    flag("npn_init_scale", type=float,
+         help="RMS coordinate of a restarted prototype (norm = scale·√d). α only sees directions; "
+              "AdaGrad's first step (±lr per coordinate) turns a prototype by about lr/scale "
+              "radians, so this sets what --npn_lr means (scripts/npn_lr_study.py)")
+    flag("npn_adagrad_reset", choices=["restart", "never"],
+         help="zero AdaGrad's accumulators at every restart, or never")
+    flag("npn_fill", choices=["ring", "resample"],
+         help="restart with m > global batch: after the batch, take the most recent earlier "
+              "batches' embeddings (ring), or resample the batch with small noise")
+    flag("npn_mlp_lr", type=float, help="AdaGrad lr of the --npn_arch mlp ablation (--npn_lr is the prototypes')")
+
+
+def validate_npn(args) -> None:
+    # --npn_repetition also sets AmorLIP's steps per encoder step: checked whichever estimator runs.
+    for name in ("npn_repetition", "npn_num_protos"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+
+
 def build_neuclip(args, embed_dim: int) -> NeuCLIPEstimator:
+    def option(name):  # flags a caller's namespace may lack take NeuCLIP's defaults
+        return getattr(args, name, DEFAULTS[name])
     return NeuCLIPEstimator(
         embed_dim, num_protos=args.npn_num_protos, lr=args.npn_lr, repetition=args.npn_repetition,
         restart_every=args.npn_restart_iter, arch=args.npn_arch, objective=args.npn_objective,
-        update=args.npn_update, fill=getattr(args, "npn_fill", "ring"),
-        adagrad_reset=getattr(args, "npn_adagrad_reset", "restart"),
-        init_scale=getattr(args, "npn_init_scale", 20.0), mlp_lr=getattr(args, "npn_mlp_lr", 1e-3),
+        update=args.npn_update, fill=option("npn_fill"), adagrad_reset=option("npn_adagrad_reset"),
+        init_scale=option("npn_init_scale"), mlp_lr=option("npn_mlp_lr"),
         seed=getattr(args, "seed", 0), gemm="bf16x3" if getattr(args, "precision", "") == "amp_bf16" else "fp32")
+
+
+register(Entry("npn", ESTIMATOR, build_neuclip, add_arguments=add_npn_arguments, validate=validate_npn,
+               resume_fixed_flags={"npn_num_protos": "the NPN's prototypes and their AdaGrad state cannot be resized"},
+               selecting_flag="npn", flag_group="NeuCLIP normalizer-prediction network"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from contrastive import Features, comm
-from contrastive.base import STEP_SKIPPED
+from contrastive.method_interface import STEP_SKIPPED
 
 from training.data.info import images_to_device
 from training.distributed import unwrap

@@ -41,7 +41,7 @@ import open_clip
 import torch
 
 import training
-from contrastive import build_method
+from contrastive import build_method, registry
 
 from training.checkpoint import CheckpointManager, map_position
 from training.data.loader import get_data
@@ -216,8 +216,8 @@ def train(args, info, signals: StopSignals) -> dict:
     steps_per_epoch = data["train"].num_batches
     schedule_checks.check_steps(args, steps_per_epoch)
     numbers = schedule_numbers(args, steps_per_epoch)
-    log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else
-             f"gcl/{args.estimator}", " ".join(f"{k}={v}" for k, v in numbers.items()))
+    log.info("Run %s (%s): %s", args.name, registry.description(args),
+             " ".join(f"{k}={v}" for k, v in numbers.items()))
     log.info("Model %s: %.2fM parameters, precision %s, device %s, %s, --workers %d", args.model,
              sum(p.numel() for p in model.parameters()) / 1e6, args.precision, args.device, thread_line,
              args.workers)

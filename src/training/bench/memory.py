@@ -124,9 +124,9 @@ def state_bytes(method) -> int:
 def state_sizes(specs: list[MethodSpec], dims: list[int], allocated: list[int], computed: list[int]) -> list[dict]:
     """Persistent state per method, embedding width and data size n (the sample-key space): built for real
     for n in `allocated`; for n in `computed`, the state at the smallest allocated n plus the per-sample
-    bytes × (n − that n) (`contrastive.estimators.per_sample_state_bytes`), checked against the allocated ones."""
+    bytes × (n − that n) (`contrastive.per_sample_memory.per_sample_state_bytes`), checked against the allocated ones."""
     from contrastive import build_method  # noqa: PLC0415
-    from contrastive.estimators import per_sample_state_bytes  # noqa: PLC0415
+    from contrastive.per_sample_memory import per_sample_state_bytes  # noqa: PLC0415
     rows = []
     for dim in dims:
         for spec in specs:
