@@ -35,7 +35,7 @@ REFCMD = "tests/test_reference_command.py::test_reference_command_runs_the_tempe
 
 CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/moving_average.py", "src/contrastive/temperature.py"
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
-COMM_PY = "src/contrastive/comm.py"
+COMM_PY, ENTRIES_PY = "src/contrastive/comm.py", "src/contrastive/builtin_entries.py"
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint.py", "src/training/data/position.py"
 FEATS = "src/contrastive/features.py"
 ELASTIC, ELASTIC_TEST = "src/training/elastic.py", "tests/test_torchrun_elastic.py::"
@@ -173,7 +173,7 @@ MUTANTS = [
       "return torch.exp(log_norm - a) + a", [PAPER], "eq. 12 without −1: τ's gradient shifted by 2"),
     m("tau_grad_flag_inverted", GCL_PY, 'args.tau_grad == "reference"', 'args.tau_grad != "reference"', [GCL, PAPER],
       "--tau_grad exact runs the reference's double count"),
-    m("tau_grad_default_exact", GCL_PY, 'dest="tau_grad", default="reference"',
+    m("tau_grad_default_exact", ENTRIES_PY, 'dest="tau_grad", default="reference"',
       'dest="tau_grad", default="exact"', [REFCMD],
       "the reference command (no --tau_grad) no longer runs the gradient its ρ were tuned with"),
     m("nonfinite_estimates_kept", GCL_PY, "return torch.where(torch.isfinite(a), a, batch_value)", "return a", [GCL],

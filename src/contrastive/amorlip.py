@@ -24,10 +24,7 @@ from .comm import average_over_ranks_
 from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
 from .npn import Adam, ResidualMLPNPN, Stopwatch, regression_objective, seeded_generator
-from .registry import ESTIMATOR, Entry, both_spellings, register
-
-#: AmorLIP's defaults, written once: the flags' defaults and the constructor's.
-DEFAULTS = {"amorlip_lr": 1e-3, "amorlip_ema": 0.92, "amorlip_target_mix": 0.0, "amorlip_mix_epochs": 15}
+from .builtin_entries import AMORLIP_DEFAULTS as DEFAULTS
 
 
 class AmorLIPEstimator(NormalizerEstimator):
@@ -160,20 +157,6 @@ def _copy_(dst: torch.nn.Module, src: torch.nn.Module) -> None:
         d.copy_(s)
 
 
-def add_amorlip_arguments(group) -> None:
-    def flag(name, **options):
-        group.add_argument(*both_spellings(name), dest=name, default=DEFAULTS[name], **options)
-    group.add_argument("--amorlip", action="store_true", help="AmorLIP baseline: --estimator amorlip")
-    flag("amorlip_lr", type=float,
-         help="AmorLIP: Adam lr of the normalizer MLPs (--npn_repetition steps per encoder step)")
-    flag("amorlip_ema", type=float,
-         help="AmorLIP: EMA β of the network whose predictions weight the encoder's negatives")
-    flag("amorlip_target_mix", type=float,
-         help="AmorLIP: final weight of the previous epoch's network in the regression target "
-              "(0: off; AmorLIP's --fit_w_prev used 0.8)")
-    flag("amorlip_mix_epochs", type=int, help="AmorLIP: epochs over which the target mix weight rises on a cosine")
-
-
 def build_amorlip(args, embed_dim: int) -> AmorLIPEstimator:
     def option(name):  # flags a caller's namespace may lack take AmorLIP's defaults
         return getattr(args, name, DEFAULTS[name])
@@ -181,7 +164,3 @@ def build_amorlip(args, embed_dim: int) -> AmorLIPEstimator:
         embed_dim, lr=option("amorlip_lr"), repetition=args.npn_repetition, ema=option("amorlip_ema"),
         target_mix=option("amorlip_target_mix"), mix_epochs=option("amorlip_mix_epochs"),
         seed=getattr(args, "seed", 0))
-
-
-register(Entry("amorlip", ESTIMATOR, build_amorlip, add_arguments=add_amorlip_arguments, selecting_flag="amorlip",
-               flag_group="NeuCLIP normalizer-prediction network"))

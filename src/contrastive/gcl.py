@@ -50,9 +50,8 @@ from . import core, registry
 from .estimator_interface import BatchStats, NormalizerEstimator
 from .features import Features, fp32
 from .method_interface import ContrastiveMethod, LossOutput
-from .per_sample_memory import bytes_per_sample, check_memory
-from .registry import ESTIMATOR, METHOD, Entry, both_spellings
-from .temperature import SCHEMES, build_temperature, per_sample_tau_gradient
+from .per_sample_memory import check_memory
+from .temperature import build_temperature, per_sample_tau_gradient
 
 _BATCH_CACHE_KEY = "gcl.batch"
 _ESTIMATE_CACHE_KEY = "gcl.estimate"
@@ -216,69 +215,5 @@ class GlobalContrastiveMethod(ContrastiveMethod):
         return terms
 
 
-# ----------------------------------------------------------------------------------- registry entry
-
-DEFAULT_ESTIMATOR = "moving_average"
-
-
-def add_gcl_arguments(group) -> None:
-    group.add_argument("--fastclip", action="store_true",
-                       help="the global contrastive loss family (FastCLIP; with --npn: NeuCLIP)")
-    group.add_argument(*both_spellings("temperature_scheme"), dest="temperature_scheme",
-                       default="global_learnable", choices=tuple(SCHEMES))
-    group.add_argument("--temperature", type=float, default=0.07, help="initial τ")
-    group.add_argument(*both_spellings("multiply_tau"), dest="multiply_tau", action="store_true",
-                       help="robust loss: τ·loss + ρτ (RGCL-g with global_learnable = FastCLIP-v3)")
-    group.add_argument("--rho", type=float, default=8.0)
-    group.add_argument(*both_spellings("fastclip_eps"), dest="fastclip_eps", type=float, default=1e-14,
-                       help="ε added to every normalizer")
-    group.add_argument(*both_spellings("lr_tau"), dest="lr_tau", type=float, default=-1.0,
-                       help="temperature learning rate (−1: --lr)")
-    group.add_argument(*both_spellings("lr_tau_scheduler"), dest="lr_tau_scheduler", default="cosine",
-                       choices=["cosine", "const", "const-cooldown", "step_thresh"])
-    group.add_argument(*both_spellings("data_size"), dest="data_size", type=int, default=-1,
-                       help="size of the sample-key space (max key + 1); sizes per-sample state")
-    # The default is the gradient the published ρ were tuned with, so the paper's commands reproduce
-    # its temperature (scripts/tau_grad_study.py: for one ρ, exact settles τ elsewhere).
-    group.add_argument(*both_spellings("tau_grad"), dest="tau_grad", default="reference",
-                       choices=["reference", "exact"],
-                       help="reference (default): FastCLIP's and the paper's code, which differentiates the "
-                            "temperature in the data term twice; the published ρ are tuned to it. exact: the "
-                            "objective's own temperature gradient (settles τ elsewhere for the same ρ: "
-                            "retune ρ)")
-    group.add_argument("--estimator", default=None, choices=registry.names(ESTIMATOR),
-                       help=f"normalizer estimator of the --fastclip family (default {DEFAULT_ESTIMATOR})")
-
-
-def validate_gcl(args) -> None:
-    """The family's flags need --fastclip; an estimator's own switch (--npn) and --estimator must agree.
-    Resolves args.estimator (every run has one, as params.txt always recorded)."""
-    switches = [e for e in registry.entries(ESTIMATOR) if e.selecting_flag]
-    family_only = {f"--{e.selecting_flag}": getattr(args, e.selecting_flag) for e in switches}
-    family_only.update({"--multiply_tau": args.multiply_tau, "--estimator": args.estimator is not None})
-    if not args.fastclip:
-        bad = [flag for flag, on in family_only.items() if on]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} only applies to the global contrastive loss family: "
-                             "add --fastclip")
-    switched = [e for e in switches if getattr(args, e.selecting_flag)]
-    if len(switched) > 1:
-        raise ValueError(f"{' and '.join('--' + e.selecting_flag for e in switched)} are different estimators: "
-                         "choose one")
-    implied = switched[0] if switched else None
-    if implied and args.estimator not in (None, implied.name):
-        raise ValueError(f"--{implied.selecting_flag} conflicts with --estimator {args.estimator}")
-    args.estimator = (implied.name if implied else None) or args.estimator or DEFAULT_ESTIMATOR
-    if not 0 < args.temperature <= 1:
-        raise ValueError(f"--temperature {args.temperature} must be in (0, 1]")
-    if args.lr_tau < 0:
-        args.lr_tau = args.lr
-
-
-def _build_gcl(args, model: nn.Module) -> GlobalContrastiveMethod:
+def build_gcl(args, model: nn.Module) -> GlobalContrastiveMethod:
     return GlobalContrastiveMethod.from_args(args, model)
-
-
-registry.register(Entry("gcl", METHOD, _build_gcl, add_arguments=add_gcl_arguments, validate=validate_gcl,
-                        per_sample_state_bytes=bytes_per_sample, selecting_flag="fastclip",
-                        estimator_flag="estimator"))

@@ -30,7 +30,6 @@ import torch
 
 from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
-from .registry import ESTIMATOR, Entry, both_spellings, register
 from .table import PerSampleTable
 
 #: The reference's threshold below which a stored u counts as never set.
@@ -118,34 +117,9 @@ class MovingAverageEstimator(NormalizerEstimator):
         return {"gamma": self.gamma}
 
 
-# --------------------------------------------------------------------------------- registry entries
-
-def add_moving_average_arguments(group) -> None:
-    group.add_argument("--gamma", type=float, default=0.8, help="final γ of u ← (1−γ)u + γ·g")
-    group.add_argument(*both_spellings("gamma_schedule"), dest="gamma_schedule", default="cosine",
-                       choices=["cosine", "constant"])
-    group.add_argument(*both_spellings("gamma_decay_epochs"), dest="gamma_decay_epochs", type=int, default=10)
-
-
-def validate_moving_average(args) -> None:
-    if args.estimator == "moving_average" and args.temperature_scheme.startswith("individual") \
-            and args.multiply_tau:
-        raise ValueError("--multiply_tau is for global temperatures; individual temperatures (FastCLIP-v2) "
-                         "already use the robust loss")
-    if not 0 < args.gamma <= 1:
-        raise ValueError(f"--gamma {args.gamma} must be in (0, 1]")
-
-
 def build_moving_average(args, embed_dim: int) -> MovingAverageEstimator:
     return MovingAverageEstimator(args.data_size, args.gamma, args.gamma_schedule, args.gamma_decay_epochs)
 
 
 def build_minibatch(args, embed_dim: int) -> MiniBatchEstimator:
     return MiniBatchEstimator()
-
-
-# moving_average first: the default estimator, and the first of --estimator's choices.
-register(Entry("moving_average", ESTIMATOR, build_moving_average, add_arguments=add_moving_average_arguments,
-               validate=validate_moving_average,
-               per_sample_state_bytes=lambda args: PerSampleTable.bytes_per_sample(MovingAverageEstimator.COLUMNS)))
-register(Entry("minibatch", ESTIMATOR, build_minibatch))

@@ -34,16 +34,11 @@ from .comm import average_over_ranks_
 from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
 from .npn import OBJECTIVES, AdaGrad, PrototypeNPN, ResidualMLPNPN, Stopwatch, per_anchor, seeded_generator
-from .registry import ESTIMATOR, Entry, both_spellings, register
+from .builtin_entries import NPN_DEFAULTS as DEFAULTS
 
 #: Std of the noise (relative to a unit embedding) that keeps `--npn_fill resample` duplicates apart;
 #: identical prototypes get identical gradients and would never separate.
 RESAMPLE_NOISE = 0.05
-
-#: NeuCLIP's defaults, written once: the flags' defaults (`add_npn_arguments`) and the constructor's.
-DEFAULTS = {"npn_lr": 1.0, "npn_num_protos": 4096, "npn_repetition": 10, "npn_restart_iter": 500,
-            "npn_arch": "prototype", "npn_objective": "unified", "npn_update": "alternating",
-            "npn_init_scale": 20.0, "npn_adagrad_reset": "restart", "npn_fill": "ring", "npn_mlp_lr": 1e-3}
 
 
 @dataclass
@@ -253,38 +248,6 @@ def _jitter(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return F.normalize(F.normalize(rows, dim=1) + noise * (RESAMPLE_NOISE / math.sqrt(rows.shape[1])), dim=1)
 
 
-# ----------------------------------------------------------------------------------- registry entry
-
-def add_npn_arguments(group) -> None:
-    def flag(name, **options):
-        group.add_argument(*both_spellings(name), dest=name, default=DEFAULTS[name], **options)
-    group.add_argument("--npn", action="store_true", help="NeuCLIP: --estimator npn")
-    flag("npn_lr", type=float)
-    flag("npn_num_protos", type=int)
-    flag("npn_repetition", type=int)
-    flag("npn_restart_iter", type=int, help="T_r; 0 or negative: never restart")
-    flag("npn_arch", choices=["prototype", "mlp"])
-    flag("npn_objective", choices=["unified", "regression"])
-    flag("npn_update", choices=["alternating", "simultaneous"])
-    flag("npn_init_scale", type=float,
-         help="RMS coordinate of a restarted prototype (norm = scale·√d). α only sees directions; "
-              "AdaGrad's first step (±lr per coordinate) turns a prototype by about lr/scale "
-              "radians, so this sets what --npn_lr means (scripts/npn_lr_study.py)")
-    flag("npn_adagrad_reset", choices=["restart", "never"],
-         help="zero AdaGrad's accumulators at every restart, or never")
-    flag("npn_fill", choices=["ring", "resample"],
-         help="restart with m > global batch: after the batch, take the most recent earlier "
-              "batches' embeddings (ring), or resample the batch with small noise")
-    flag("npn_mlp_lr", type=float, help="AdaGrad lr of the --npn_arch mlp ablation (--npn_lr is the prototypes')")
-
-
-def validate_npn(args) -> None:
-    # --npn_repetition also sets AmorLIP's steps per encoder step: checked whichever estimator runs.
-    for name in ("npn_repetition", "npn_num_protos"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
-
-
 def build_neuclip(args, embed_dim: int) -> NeuCLIPEstimator:
     def option(name):  # flags a caller's namespace may lack take NeuCLIP's defaults
         return getattr(args, name, DEFAULTS[name])
@@ -294,8 +257,3 @@ def build_neuclip(args, embed_dim: int) -> NeuCLIPEstimator:
         update=args.npn_update, fill=option("npn_fill"), adagrad_reset=option("npn_adagrad_reset"),
         init_scale=option("npn_init_scale"), mlp_lr=option("npn_mlp_lr"),
         seed=getattr(args, "seed", 0), gemm="bf16x3" if getattr(args, "precision", "") == "amp_bf16" else "fp32")
-
-
-register(Entry("npn", ESTIMATOR, build_neuclip, add_arguments=add_npn_arguments, validate=validate_npn,
-               resume_fixed_flags={"npn_num_protos": "the NPN's prototypes and their AdaGrad state cannot be resized"},
-               selecting_flag="npn", flag_group="NeuCLIP normalizer-prediction network"))

@@ -11,7 +11,6 @@ from torch import nn
 from . import comm
 from .features import Features, fp32
 from .method_interface import ContrastiveMethod, LossOutput
-from .registry import METHOD, Entry, register
 
 
 class OpenClipMethod(ContrastiveMethod):
@@ -55,23 +54,14 @@ class SigLipMethod(ContrastiveMethod):
         return [{"params": [self.logit_bias], "weight_decay": 0.0, "name": "siglip_bias"}]
 
 
-def _build_openclip(args, model):
+def build_openclip(args, model):
     return OpenClipMethod(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
 
 
-def _build_siglip(args, model):
+def build_siglip(args, model):
     # SigLIP's initialisation (and open_clip's with --siglip): t = log 10, b = −10.
     with torch.no_grad():
         model.logit_scale.fill_(math.log(10.0))
     return SigLipMethod(init_bias=-10.0, own_bias=getattr(model, "logit_bias", None) is None,
                         dist_impl=getattr(args, "loss_dist_impl", None))
 
-
-
-def add_siglip_arguments(group) -> None:
-    group.add_argument("--siglip", action="store_true", help="SigLIP's sigmoid loss")
-
-
-# openclip: chosen when no method flag is set.
-register(Entry("openclip", METHOD, _build_openclip))
-register(Entry("siglip", METHOD, _build_siglip, add_arguments=add_siglip_arguments, selecting_flag="siglip"))

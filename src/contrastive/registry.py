@@ -6,11 +6,16 @@ rules, the per-sample state it keeps, the flags a resume may not change, its tag
 The trainer (flags, start-up and resume checks, run naming, the diagnostics) iterates the entries and never
 names a method, so a new estimator is one module of this package (see the package docstring).
 
-Only argparse and the standard library here: `contrastive` must not import `training`.
+The built-in entries are declared in `builtin_entries` and plug-ins are the modules of `contrastive.plugins`;
+both are imported on the registry's first use. Only argparse and the standard library here (`contrastive` must
+not import `training`, and --help must not import torch): a builder may be named by "module:function" and is
+imported when a run builds it.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -45,8 +50,9 @@ class Entry:
     """One method or estimator, as the trainer sees it."""
     name: str
     kind: str                                  # METHOD or ESTIMATOR
-    #: METHOD: (args, model) -> ContrastiveMethod;  ESTIMATOR: (args, embed_dim) -> NormalizerEstimator
-    build: Callable
+    #: METHOD: (args, model) -> ContrastiveMethod;  ESTIMATOR: (args, embed_dim) -> NormalizerEstimator;
+    #: or "module:function" naming one (imported on first build)
+    build: Callable | str
     #: adds the entry's flags to an argparse parser or group (`both_spellings` for family flags)
     add_arguments: Callable = _no_flags
     #: raises ValueError naming the bad flag and the fix; may fill derived defaults. Runs on every parse,
@@ -70,12 +76,32 @@ class Entry:
     def tag(self) -> str:
         return self.run_name_tag or self.name
 
+    def builder(self) -> Callable:
+        if isinstance(self.build, str):
+            module, _, function = self.build.partition(":")
+            self.build = getattr(importlib.import_module(module), function)
+        return self.build
+
 
 _ENTRIES: dict[str, dict[str, Entry]] = {METHOD: {}, ESTIMATOR: {}}
+_loaded = False
+
+
+def _load_entries() -> None:
+    """Import the built-in entries, then every module of the plug-in package, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module(f"{__package__}.builtin_entries")
+    plugins = importlib.import_module(f"{__package__}.plugins")
+    for module in pkgutil.iter_modules(plugins.__path__):
+        importlib.import_module(f"{plugins.__name__}.{module.name}")
 
 
 def register(entry: Entry) -> Entry:
     """Add an entry; a second entry of the same kind and name is refused (it would silently replace one)."""
+    _load_entries()  # the built-ins first: they keep their place in --estimator's choices
     if entry.kind not in _ENTRIES:
         raise ValueError(f"entry {entry.name!r}: kind must be {METHOD!r} or {ESTIMATOR!r}, got {entry.kind!r}")
     if entry.name in _ENTRIES[entry.kind]:
@@ -90,18 +116,20 @@ def unregister(kind: str, name: str) -> None:
 
 def entries(kind: str) -> list[Entry]:
     """The entries of one kind in registration order (the order of --estimator's choices)."""
+    _load_entries()
     return list(_ENTRIES[kind].values())
 
 
 def names(kind: str) -> list[str]:
-    return list(_ENTRIES[kind])
+    return [item.name for item in entries(kind)]
 
 
 def method_names() -> list[str]:
-    return sorted(_ENTRIES[METHOD])
+    return sorted(names(METHOD))
 
 
 def entry(kind: str, name: str) -> Entry:
+    _load_entries()
     if name not in _ENTRIES[kind]:
         raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(_ENTRIES[kind]))}")
     return _ENTRIES[kind][name]
@@ -109,11 +137,11 @@ def entry(kind: str, name: str) -> Entry:
 
 def build_method(name: str, args, model):
     """Build a method by its registry name; `args` are the parsed training flags."""
-    return entry(METHOD, name).build(args, model)
+    return entry(METHOD, name).builder()(args, model)
 
 
 def build_estimator(name: str, args, embed_dim: int):
-    return entry(ESTIMATOR, name).build(args, embed_dim)
+    return entry(ESTIMATOR, name).builder()(args, embed_dim)
 
 
 # ------------------------------------------------------------------------------- what params asks
@@ -150,10 +178,7 @@ def validate(args) -> None:
 
 
 def entries_in_use(args) -> list[Entry]:
-    """The chosen method's entry, then its estimator's when it has one (after `validate`); none without a
-    method (a namespace that never went through `validate`)."""
-    if getattr(args, "method", None) is None:
-        return []
+    """The chosen method's entry, then its estimator's when it has one (after `validate`)."""
     method = entry(METHOD, args.method)
     if method.estimator_flag is None:
         return [method]
@@ -194,9 +219,14 @@ def changed_resume_fixed_flag(stored: dict, args) -> Optional[tuple[str, str, st
     """(flag, stored value, this run's value, why it is fixed) for the first resume-fixed flag of the entries in
     use whose value differs from a checkpoint's `size_flags` (values as str), else None. An estimator's flags
     count only when the checkpoint used the same estimator (another one's state is not restored)."""
-    used = entries_in_use(args)
+    _load_entries()
+    method = _ENTRIES[METHOD].get(getattr(args, "method", None))
+    if method is None:  # a namespace that never went through `validate`: no entry's state to protect
+        return None
+    chosen_estimator = getattr(args, method.estimator_flag, None) if method.estimator_flag else None
+    used = [method] + ([_ENTRIES[ESTIMATOR][chosen_estimator]] if chosen_estimator in _ENTRIES[ESTIMATOR] else [])
     for item in used:
-        if item.kind == ESTIMATOR and stored.get(used[0].estimator_flag) != item.name:
+        if item.kind == ESTIMATOR and stored.get(method.estimator_flag) != item.name:
             continue
         for flag, why in item.resume_fixed_flags.items():
             old, new = stored.get(flag), str(getattr(args, flag, None))
