@@ -33,8 +33,9 @@ FLAGS = "tests/test_rank_flags.py"
 PRE_PY = "src/training/preemption.py"
 REFCMD = "tests/test_reference_command.py::test_reference_command_runs_the_temperature_gradient_its_rho_was_tuned_with"
 
-CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/estimators.py", "src/contrastive/temperature.py"
+CORE, EST_PY, TEMP = "src/contrastive/core.py", "src/contrastive/moving_average.py", "src/contrastive/temperature.py"
 NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "src/contrastive/gcl.py"
+COMM_PY, ENTRIES_PY = "src/contrastive/comm.py", "src/contrastive/builtin_entries.py"
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint/manager.py", "src/training/data/position.py"
 CKPT_POSITION = "src/training/checkpoint/position.py"
 FEATS = "src/contrastive/features.py"
@@ -103,8 +104,8 @@ MUTANTS = [
     m("tau_global_factor_inverted", TEMP, "            tau = 1.0 / fp32(feats.logit_scale).reshape(())\n",
       "            tau = fp32(feats.logit_scale).reshape(())\n", [GCL, PAPER], "RGCL-g multiplied by λ instead of τ"),
     # -------------------------------------------------------------------------------------- NPN
-    m("npn_alpha_without_log_m", NPN_PY, "return log_eps_plus(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)",
-      "return log_eps_plus(logits.logsumexp(dim=1), eps)", [NPN, PAPER], "sum instead of mean over prototypes"),
+    m("npn_alpha_without_log_m", NPN_PY, "return log_eps_plus_exp(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)",
+      "return log_eps_plus_exp(logits.logsumexp(dim=1), eps)", [NPN, PAPER], "sum instead of mean over prototypes"),
     m("npn_closed_form_radial_sign", NPN_PY, "grad = self.weight * (radial * inv_norms.square()).neg_()[:, None]",
       "grad = self.weight * (radial * inv_norms.square())[:, None]", [NPN, PAPER],
       "sign of the normalisation's projection term in ∂J/∂W"),
@@ -119,8 +120,8 @@ MUTANTS = [
       "p.addcdiv_(g, sum_sq.clone().add_(self.eps), value=-self.lr)", [NPN, PAPER], "G instead of √G"),
     m("adagrad_forgets", NPN_PY, "sum_sq.addcmul_(g, g)", "sum_sq.copy_(g * g)", [NPN, PAPER],
       "accumulator replaced, not summed (RMSprop-like sign steps)"),
-    m("npn_grads_not_averaged_over_ranks", NPN_PY, "    if not comm.is_distributed():\n        return grads\n",
-      "    if True:\n        return grads\n", [NDIST], "every rank steps its NPN with its own gradient"),
+    m("npn_grads_not_averaged_over_ranks", COMM_PY, "    if not is_distributed():\n        return tensors\n",
+      "    if True:\n        return tensors\n", [NDIST], "every rank steps its NPN with its own gradient"),
     # ---------------------------------------------------------------------------------- NeuCLIP
     m("restart_subset_wrong_modality", NEU, "return texts[pick], images[pick]", "return images[pick], texts[pick]",
       [PAPER], "m ≤ N restart: each NPN seeded with its own modality's embeddings"),
@@ -174,7 +175,7 @@ MUTANTS = [
       "return torch.exp(log_norm - a) + a", [PAPER], "eq. 12 without −1: τ's gradient shifted by 2"),
     m("tau_grad_flag_inverted", GCL_PY, 'args.tau_grad == "reference"', 'args.tau_grad != "reference"', [GCL, PAPER],
       "--tau_grad exact runs the reference's double count"),
-    m("tau_grad_default_exact", "src/training/params.py", 'dest="tau_grad", default="reference"',
+    m("tau_grad_default_exact", ENTRIES_PY, 'dest="tau_grad", default="reference"',
       'dest="tau_grad", default="exact"', [REFCMD],
       "the reference command (no --tau_grad) no longer runs the gradient its ρ were tuned with"),
     m("nonfinite_estimates_kept", GCL_PY, "return torch.where(torch.isfinite(a), a, batch_value)", "return a", [GCL],
@@ -187,9 +188,9 @@ MUTANTS = [
       "raw_model.logit_scale.clamp_(0, float('inf'))", [LOGIT_CLAMP], "τ may fall below 0.01"),
     m("logit_scale_lower_clamp_removed", LOOP, "raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)",
       "raw_model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)", [LOGIT_CLAMP], "τ may exceed 1"),
-    m("method_grads_not_averaged", LOOP, "    comm.all_reduce_mean_(flat)\n", "    flat = flat.clone()\n", [RANKS, NDIST],
+    m("method_grads_not_averaged", LOOP, "    comm.average_over_ranks_(grads)\n", "    grads = list(grads)\n", [RANKS, NDIST],
       "SigLIP's bias and the simultaneous NPN not averaged over ranks"),
-    m("method_grads_skipped", LOOP, "if not grads or comm.world_size() == 1:", "if True:", [RANKS],
+    m("method_grads_skipped", LOOP, "    average_method_grads(method)\n", "    pass\n", [RANKS],
       "average_method_grads never runs"),
     m("accumulation_every_pass_carries_step", LOOP, "carries_step_gradient=last, logit_bias=logit_bias))",
       "carries_step_gradient=True, logit_bias=logit_bias))",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.core import batch_log_normalizers
-from contrastive.estimator import BatchStats
+from contrastive.estimator_interface import BatchStats
 from contrastive.features import Features
 from contrastive.neuclip import NeuCLIPEstimator
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from contrastive import Features
-from contrastive.estimator import BatchStats, build_estimator
-from contrastive.estimators import (MovingAverageEstimator, PerSampleTable, check_memory, moving_average_gamma,
-                                    per_sample_state_bytes)
+from contrastive.estimator_interface import BatchStats
+from contrastive.moving_average import MovingAverageEstimator, moving_average_gamma
+from contrastive.per_sample_memory import check_memory, per_sample_state_bytes
+from contrastive.registry import build_estimator
+from contrastive.table import PerSampleTable
 from training.scheduler import gamma_at_epoch
 
 

@@ -9,7 +9,7 @@ from open_clip.loss import ClipLoss
 from torch import nn
 
 from contrastive import Features, build_method
-from contrastive.estimators import MiniBatchEstimator, MovingAverageEstimator
+from contrastive.moving_average import MiniBatchEstimator, MovingAverageEstimator
 from contrastive.gcl import GlobalContrastiveMethod, embed_dim
 from contrastive.temperature import GlobalTemperature, IndividualTemperatures, adam_step, per_sample_tau_gradient
 

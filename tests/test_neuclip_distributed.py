@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from contrastive.amorlip import AmorLIPEstimator
 from contrastive.core import batch_log_normalizers
-from contrastive.estimator import BatchStats
+from contrastive.estimator_interface import BatchStats
 from contrastive.features import Features
 from contrastive.neuclip import NeuCLIPEstimator
 from training.loop import average_method_grads

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import contrastive  # noqa: F401  (registers the estimators)
 from contrastive.amorlip import AmorLIPEstimator
 from contrastive.core import batch_log_normalizers
-from contrastive.estimator import BatchStats, build_estimator
+from contrastive.estimator_interface import BatchStats
+from contrastive.registry import build_estimator
 from contrastive.features import Features
 from contrastive.neuclip import NeuCLIPEstimator
 from contrastive.npn import AdaGrad, PrototypeNPN, unified_objective

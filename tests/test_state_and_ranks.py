@@ -19,7 +19,7 @@ from torch import nn
 
 from contrastive import Features
 from contrastive.core import batch_log_normalizers
-from contrastive.estimator import BatchStats
+from contrastive.estimator_interface import BatchStats
 from contrastive.gcl import GlobalContrastiveMethod
 from contrastive.neuclip import NeuCLIPEstimator
 from contrastive.openclip import SigLipMethod

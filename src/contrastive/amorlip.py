@@ -20,15 +20,18 @@ import math
 
 import torch
 
-from .estimator import BatchStats, Estimate, NormalizerEstimator, register_estimator
+from .comm import average_over_ranks_
+from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
-from .npn import Adam, ResidualMLPNPN, Stopwatch, average_over_ranks_, regression_objective, seeded_generator
+from .npn import Adam, ResidualMLPNPN, Stopwatch, regression_objective, seeded_generator
+from .builtin_entries import AMORLIP_DEFAULTS as DEFAULTS
 
 
 class AmorLIPEstimator(NormalizerEstimator):
 
-    def __init__(self, embed_dim: int, *, lr: float = 1e-3, repetition: int = 10, ema: float = 0.92,
-                 target_mix: float = 0.0, mix_epochs: int = 15, hidden: int | None = None, seed: int = 0):
+    def __init__(self, embed_dim: int, *, lr: float = DEFAULTS["amorlip_lr"], repetition: int = 10,
+                 ema: float = DEFAULTS["amorlip_ema"], target_mix: float = DEFAULTS["amorlip_target_mix"],
+                 mix_epochs: int = DEFAULTS["amorlip_mix_epochs"], hidden: int | None = None, seed: int = 0):
         super().__init__()
         hidden = hidden or embed_dim  # AmorLIP's default width factor 1
 
@@ -154,9 +157,10 @@ def _copy_(dst: torch.nn.Module, src: torch.nn.Module) -> None:
         d.copy_(s)
 
 
-@register_estimator("amorlip")
 def build_amorlip(args, embed_dim: int) -> AmorLIPEstimator:
+    def option(name):  # flags a caller's namespace may lack take AmorLIP's defaults
+        return getattr(args, name, DEFAULTS[name])
     return AmorLIPEstimator(
-        embed_dim, lr=getattr(args, "amorlip_lr", 1e-3), repetition=args.npn_repetition,
-        ema=getattr(args, "amorlip_ema", 0.92), target_mix=getattr(args, "amorlip_target_mix", 0.0),
-        mix_epochs=getattr(args, "amorlip_mix_epochs", 15), seed=getattr(args, "seed", 0))
+        embed_dim, lr=option("amorlip_lr"), repetition=args.npn_repetition, ema=option("amorlip_ema"),
+        target_mix=option("amorlip_target_mix"), mix_epochs=option("amorlip_mix_epochs"),
+        seed=getattr(args, "seed", 0))

@@ -63,3 +63,19 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t.div_(world_size())
     return t
+
+
+def average_over_ranks_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor := its mean over ranks, in place, with ONE collective (all flattened together); returns them.
+
+    For state every rank must update identically from averaged gradients: the NPN's inner-loop gradients,
+    and the method's own trainable parameters' gradients, which DDP (that averages the model's) never sees.
+    """
+    if not is_distributed():
+        return tensors
+    if not tensors:
+        return tensors
+    flat = all_reduce_mean_(torch.cat([t.reshape(-1) for t in tensors]))
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+    return tensors

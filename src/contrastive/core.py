@@ -54,7 +54,7 @@ def batch_log_normalizers(sim: torch.Tensor, scale_img: torch.Tensor, scale_txt:
         pos = sim.diagonal()
         log_g_img = _logsumexp_without_positive((sim - pos[:, None]) * _col(scale_img), 0) - _log(n - 1)
         log_g_txt = _logsumexp_without_positive((sim.T - pos[:, None]) * _col(scale_txt), 0) - _log(n - 1)
-        return _log_eps_plus_exp(log_g_img, eps), _log_eps_plus_exp(log_g_txt, eps)
+        return log_eps_plus_exp(log_g_img, eps), log_eps_plus_exp(log_g_txt, eps)
 
 
 def data_term(feats: Features, a_img: torch.Tensor, a_txt: torch.Tensor, scale_img: torch.Tensor,
@@ -125,8 +125,9 @@ def _log(x: float) -> float:
     return math.log(x)
 
 
-def _log_eps_plus_exp(log_g: torch.Tensor, eps: float) -> torch.Tensor:
-    """log(ε + exp(log_g)) without forming exp(log_g) when it would overflow."""
+def log_eps_plus_exp(log_g: torch.Tensor, eps: float) -> torch.Tensor:
+    """log(ε + exp(log_g)) without forming exp(log_g) (it overflows fp32 for small τ). The one place this is
+    written: the batch normalizers, the NPN's α and the exact normalizers all add ε this way."""
     if eps <= 0:
         return log_g
-    return torch.logaddexp(log_g, torch.full_like(log_g, eps).log())
+    return torch.logaddexp(log_g, torch.full_like(log_g, math.log(eps)))

@@ -46,11 +46,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import core
-from .base import ContrastiveMethod, LossOutput, register
-from .estimator import BatchStats, NormalizerEstimator, build_estimator
-from .estimators import check_memory
-from .features import Features
+from . import core, registry
+from .estimator_interface import BatchStats, NormalizerEstimator
+from .features import Features, fp32
+from .method_interface import ContrastiveMethod, LossOutput
+from .per_sample_memory import check_memory
 from .temperature import build_temperature, per_sample_tau_gradient
 
 _BATCH_CACHE_KEY = "gcl.batch"
@@ -67,14 +67,16 @@ def unified_objective(a: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_norm - a) + a - 1.0
 
 
-OBJECTIVES = {"log": log_objective, "unified": unified_objective}
+#: ℓ_i as a function of the estimate, by an estimator's `objective` attribute (npn.OBJECTIVES are the NPN's
+#: own training objectives, another thing).
+PER_ANCHOR_TERMS = {"log": log_objective, "unified": unified_objective}
 
 
 def objective_of(estimator: NormalizerEstimator) -> str:
     name = getattr(estimator, "objective", "log")
-    if name not in OBJECTIVES:
+    if name not in PER_ANCHOR_TERMS:
         raise ValueError(f"{type(estimator).__name__}.objective = {name!r}; the gcl method knows "
-                         f"{', '.join(OBJECTIVES)}")
+                         f"{', '.join(PER_ANCHOR_TERMS)}")
     return name
 
 
@@ -108,7 +110,7 @@ class GlobalContrastiveMethod(ContrastiveMethod):
         self.estimator, self.temperature = estimator, temperature
         self.eps, self.differentiate_tau_twice = eps, differentiate_tau_twice
         self.objective = objective_of(estimator)
-        self._objective_values = OBJECTIVES[self.objective]
+        self._objective_values = PER_ANCHOR_TERMS[self.objective]
         self.uses_per_sample_state = estimator.uses_per_sample_state or temperature.uses_per_sample_state
         self._pending_tau_gradients = None
 
@@ -116,7 +118,7 @@ class GlobalContrastiveMethod(ContrastiveMethod):
     def from_args(cls, args, model: nn.Module) -> "GlobalContrastiveMethod":
         check_memory(args)  # before any per-sample table is allocated
         temperature = build_temperature(args, model.logit_scale)
-        estimator = build_estimator(args.estimator, args, embed_dim(model))
+        estimator = registry.build_estimator(args.estimator, args, embed_dim(model))
         return cls(estimator, temperature, args.fastclip_eps, args.tau_grad == "reference")
 
     # ---------------------------------------------------------------------------- loop interface
@@ -163,6 +165,11 @@ class GlobalContrastiveMethod(ContrastiveMethod):
         # Fresh statistics: the diagnostic may run after the step changed τ.
         return self.estimator.predict(feats, self._batch(feats, use_cache=False).stats)
 
+    def inverse_temperatures(self, feats: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        # The scheme's λ: FastCLIP-v2's per-sample τ_i are looked up by key.
+        scale_img, scale_txt = self.temperature.inverse_temperatures(feats)
+        return fp32(scale_img.detach()), fp32(scale_txt.detach())
+
     def scalars(self) -> dict:
         return {**self.estimator.scalars(), **self.temperature.scalars()}
 
@@ -208,6 +215,5 @@ class GlobalContrastiveMethod(ContrastiveMethod):
         return terms
 
 
-@register("gcl")
-def _build_gcl(args, model: nn.Module) -> GlobalContrastiveMethod:
+def build_gcl(args, model: nn.Module) -> GlobalContrastiveMethod:
     return GlobalContrastiveMethod.from_args(args, model)

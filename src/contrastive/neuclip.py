@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .estimator import BatchStats, Estimate, NormalizerEstimator, register_estimator
+from .comm import average_over_ranks_
+from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
-from .npn import (OBJECTIVES, AdaGrad, PrototypeNPN, ResidualMLPNPN, Stopwatch, average_over_ranks_,
-                  per_anchor, seeded_generator)
+from .npn import OBJECTIVES, AdaGrad, PrototypeNPN, ResidualMLPNPN, Stopwatch, per_anchor, seeded_generator
+from .builtin_entries import NPN_DEFAULTS as DEFAULTS
 
 #: Std of the noise (relative to a unit embedding) that keeps `--npn_fill resample` duplicates apart;
 #: identical prototypes get identical gradients and would never separate.
@@ -54,10 +55,13 @@ class NeuCLIPEstimator(NormalizerEstimator):
     #: gcl builds eq. 12's encoder objective τ·mean[exp(−α)(ε+g) + α] + 2τ(ρ−1) for this estimator.
     objective = "unified"
 
-    def __init__(self, embed_dim: int, *, num_protos: int = 4096, lr: float = 1.0, repetition: int = 10,
-                 restart_every: int = 500, arch: str = "prototype", objective: str = "unified",
-                 update: str = "alternating", fill: str = "ring", adagrad_reset: str = "restart",
-                 init_scale: float = 20.0, mlp_lr: float = 1e-3, seed: int = 0, gemm: str = "fp32"):
+    def __init__(self, embed_dim: int, *, num_protos: int = DEFAULTS["npn_num_protos"],
+                 lr: float = DEFAULTS["npn_lr"], repetition: int = DEFAULTS["npn_repetition"],
+                 restart_every: int = DEFAULTS["npn_restart_iter"], arch: str = DEFAULTS["npn_arch"],
+                 objective: str = DEFAULTS["npn_objective"], update: str = DEFAULTS["npn_update"],
+                 fill: str = DEFAULTS["npn_fill"], adagrad_reset: str = DEFAULTS["npn_adagrad_reset"],
+                 init_scale: float = DEFAULTS["npn_init_scale"], mlp_lr: float = DEFAULTS["npn_mlp_lr"],
+                 seed: int = 0, gemm: str = "fp32"):
         super().__init__()
         if arch == "prototype":
             self.npn_img, self.npn_txt = PrototypeNPN(num_protos, embed_dim), PrototypeNPN(num_protos, embed_dim)
@@ -244,12 +248,12 @@ def _jitter(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return F.normalize(F.normalize(rows, dim=1) + noise * (RESAMPLE_NOISE / math.sqrt(rows.shape[1])), dim=1)
 
 
-@register_estimator("npn")
 def build_neuclip(args, embed_dim: int) -> NeuCLIPEstimator:
+    def option(name):  # flags a caller's namespace may lack take NeuCLIP's defaults
+        return getattr(args, name, DEFAULTS[name])
     return NeuCLIPEstimator(
         embed_dim, num_protos=args.npn_num_protos, lr=args.npn_lr, repetition=args.npn_repetition,
         restart_every=args.npn_restart_iter, arch=args.npn_arch, objective=args.npn_objective,
-        update=args.npn_update, fill=getattr(args, "npn_fill", "ring"),
-        adagrad_reset=getattr(args, "npn_adagrad_reset", "restart"),
-        init_scale=getattr(args, "npn_init_scale", 20.0), mlp_lr=getattr(args, "npn_mlp_lr", 1e-3),
+        update=args.npn_update, fill=option("npn_fill"), adagrad_reset=option("npn_adagrad_reset"),
+        init_scale=option("npn_init_scale"), mlp_lr=option("npn_mlp_lr"),
         seed=getattr(args, "seed", 0), gemm="bf16x3" if getattr(args, "precision", "") == "amp_bf16" else "fp32")

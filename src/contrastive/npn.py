@@ -21,14 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm
-
-
-def log_eps_plus(log_x: torch.Tensor, eps: float) -> torch.Tensor:
-    """log(ε + exp(log_x)) without forming exp(log_x) (it overflows fp32 for small τ)."""
-    if eps <= 0:
-        return log_x
-    return torch.logaddexp(log_x, torch.full_like(log_x, math.log(eps)))
+from .core import log_eps_plus_exp
 
 
 def per_anchor(scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
@@ -58,7 +51,7 @@ class PrototypeNPN(nn.Module):
     def forward(self, anchors, positive_sim, scale, eps):
         cos = anchors @ F.normalize(self.weight, dim=1).T                      # [n, m]
         logits = (cos - positive_sim[:, None]) * scale
-        return log_eps_plus(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)
+        return log_eps_plus_exp(logits.logsumexp(dim=1) - math.log(self.num_protos), eps)
 
     @torch.no_grad()
     def value_and_grad(self, anchors, positive_sim, scale, eps, log_norm, objective: str, gemm: str = "fp32"):
@@ -86,7 +79,7 @@ class PrototypeNPN(nn.Module):
             z.sub_(row_max).exp_()                                                # z := e^{z − max}
             row_sum = z.sum(dim=1, keepdim=True)
             lse = (row_max + row_sum.log()).squeeze(1) - math.log(self.num_protos)
-            alpha = log_eps_plus(lse, eps)
+            alpha = log_eps_plus_exp(lse, eps)
             value, d_alpha = OBJECTIVE_VALUE_AND_GRAD[objective](alpha, log_norm, scale)
             row_weight = d_alpha * torch.exp(lse - alpha)                         # ∂J/∂l_i
             g = z.mul_((row_weight[:, None] / row_sum) * lam)                     # g_ij
@@ -289,14 +282,6 @@ class Adam(_BufferOptimizer):
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / correction2_sqrt.to(v.dtype)).add_(self.eps)
             p.sub_(self.lr * (m / correction1.to(m.dtype)) / denom)
-
-
-def average_over_ranks_(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Mean of the gradients over ranks with ONE collective (all tensors flattened together)."""
-    if not comm.is_distributed():
-        return grads
-    flat = comm.all_reduce_mean_(torch.cat([g.reshape(-1) for g in grads]))
-    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 # ----------------------------------------------------------------------------------------- timing

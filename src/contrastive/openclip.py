@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from . import comm
-from .base import ContrastiveMethod, LossOutput, register
 from .features import Features, fp32
+from .method_interface import ContrastiveMethod, LossOutput
 
 
 class OpenClipMethod(ContrastiveMethod):
@@ -54,13 +54,11 @@ class SigLipMethod(ContrastiveMethod):
         return [{"params": [self.logit_bias], "weight_decay": 0.0, "name": "siglip_bias"}]
 
 
-@register("openclip")
-def _build_openclip(args, model):
+def build_openclip(args, model):
     return OpenClipMethod(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad)
 
 
-@register("siglip")
-def _build_siglip(args, model):
+def build_siglip(args, model):
     # SigLIP's initialisation (and open_clip's with --siglip): t = log 10, b = −10.
     with torch.no_grad():
         model.logit_scale.fill_(math.log(10.0))

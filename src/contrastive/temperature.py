@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import comm
-from .base import STEP_SKIPPED
+from .method_interface import STEP_SKIPPED
 from .table import PerSampleTable
 from .features import Features, fp32
 

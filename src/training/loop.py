@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from contrastive import Features, comm
-from contrastive.base import STEP_SKIPPED
+from contrastive.method_interface import STEP_SKIPPED
 
 from training.data.info import images_to_device
 from training.distributed import unwrap
@@ -241,11 +241,4 @@ def average_method_grads(method) -> None:
     """DDP averages the model's gradients; the method's own trainable parameters (SigLIP's bias, an
     NPN trained with the encoders) are outside DDP, so average theirs here in one collective."""
     grads = [p.grad for g in method.trainable_parameter_groups() for p in g["params"] if p.grad is not None]
-    if not grads or comm.world_size() == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    comm.all_reduce_mean_(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    comm.average_over_ranks_(grads)

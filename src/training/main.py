@@ -42,7 +42,7 @@ import open_clip
 import torch
 
 import training
-from contrastive import build_method
+from contrastive import build_method, registry
 
 from training.checkpoint import CheckpointManager
 from training.checkpoint.resume import resume
@@ -207,8 +207,8 @@ def build_data(run: Run, thread_line: str) -> None:
     schedule_checks.check_steps(args, run.steps_per_epoch)
     numbers = schedule_numbers(args, run.steps_per_epoch)
     run.global_batch = numbers["global_batch"]
-    log.info("Run %s (%s): %s", args.name, args.method if args.method != "gcl" else
-             f"gcl/{args.estimator}", " ".join(f"{k}={v}" for k, v in numbers.items()))
+    log.info("Run %s (%s): %s", args.name, registry.description(args),
+             " ".join(f"{k}={v}" for k, v in numbers.items()))
     log.info("Model %s: %.2fM parameters, precision %s, device %s, %s, --workers %d", args.model,
              sum(p.numel() for p in model.parameters()) / 1e6, args.precision, args.device, thread_line,
              args.workers)

@@ -9,22 +9,15 @@ import math
 import os
 from datetime import datetime
 
+from contrastive import registry
+from contrastive.registry import both_spellings as _both
+
 from training.startup.threads import default_workers
 
 from training.interop.open_clip_flags import add_open_clip_flags, validate_open_clip_flags
 
 PRECISIONS = ("auto", "fp32", "bf16", "amp", "amp_bf16", "amp_bfloat16", "fp16", "pure_bf16", "pure_fp16")
-TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable", "individual_constant")
-ESTIMATORS = ("moving_average", "minibatch", "npn", "amorlip")
 SYNTHETIC_DEFAULT_SAMPLES = 20000
-
-
-def _both(name: str) -> list[str]:
-    """The reference's underscore spelling first, plus the dashed one."""
-    spellings = [f"--{name}"]
-    if "_" in name:
-        spellings.append(f"--{name.replace('_', '-')}")
-    return spellings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,71 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--est-err-samples", type=int, default=2048,
                      help="size of the estimation error's reference set: the first R training samples by key")
 
-    loss = p.add_argument_group("loss family")
-    loss.add_argument("--siglip", action="store_true", help="SigLIP's sigmoid loss")
-    loss.add_argument("--fastclip", action="store_true",
-                      help="the global contrastive loss family (FastCLIP; with --npn: NeuCLIP)")
-    loss.add_argument(*_both("temperature_scheme"), dest="temperature_scheme",
-                      default="global_learnable", choices=TEMPERATURE_SCHEMES)
-    loss.add_argument("--temperature", type=float, default=0.07, help="initial τ")
-    loss.add_argument(*_both("multiply_tau"), dest="multiply_tau", action="store_true",
-                      help="robust loss: τ·loss + ρτ (RGCL-g with global_learnable = FastCLIP-v3)")
-    loss.add_argument("--rho", type=float, default=8.0)
-    loss.add_argument(*_both("fastclip_eps"), dest="fastclip_eps", type=float, default=1e-14,
-                      help="ε added to every normalizer")
-    loss.add_argument("--gamma", type=float, default=0.8, help="final γ of u ← (1−γ)u + γ·g")
-    loss.add_argument(*_both("gamma_schedule"), dest="gamma_schedule", default="cosine",
-                      choices=["cosine", "constant"])
-    loss.add_argument(*_both("gamma_decay_epochs"), dest="gamma_decay_epochs", type=int, default=10)
-    loss.add_argument(*_both("lr_tau"), dest="lr_tau", type=float, default=-1.0,
-                      help="temperature learning rate (−1: --lr)")
-    loss.add_argument(*_both("lr_tau_scheduler"), dest="lr_tau_scheduler", default="cosine",
-                      choices=["cosine", "const", "const-cooldown", "step_thresh"])
-    loss.add_argument(*_both("data_size"), dest="data_size", type=int, default=-1,
-                      help="size of the sample-key space (max key + 1); sizes per-sample state")
-    # The default is the gradient the published ρ were tuned with, so the paper's commands reproduce
-    # its temperature (scripts/tau_grad_study.py: for one ρ, exact settles τ elsewhere).
-    loss.add_argument(*_both("tau_grad"), dest="tau_grad", default="reference", choices=["reference", "exact"],
-                      help="reference (default): FastCLIP's and the paper's code, which differentiates the "
-                           "temperature in the data term twice; the published ρ are tuned to it. exact: the "
-                           "objective's own temperature gradient (settles τ elsewhere for the same ρ: "
-                           "retune ρ)")
-    loss.add_argument("--estimator", default=None, choices=ESTIMATORS,
-                      help="normalizer estimator of the --fastclip family (default moving_average)")
-
-    npn = p.add_argument_group("NeuCLIP normalizer-prediction network")
-    npn.add_argument("--npn", action="store_true", help="NeuCLIP: --estimator npn")
-    npn.add_argument("--amorlip", action="store_true", help="AmorLIP baseline: --estimator amorlip")
-    npn.add_argument(*_both("npn_lr"), dest="npn_lr", type=float, default=1.0)
-    npn.add_argument(*_both("npn_num_protos"), dest="npn_num_protos", type=int, default=4096)
-    npn.add_argument(*_both("npn_repetition"), dest="npn_repetition", type=int, default=10)
-    npn.add_argument(*_both("npn_restart_iter"), dest="npn_restart_iter", type=int, default=500,
-                     help="T_r; 0 or negative: never restart")
-    npn.add_argument(*_both("npn_arch"), dest="npn_arch", default="prototype", choices=["prototype", "mlp"])
-    npn.add_argument(*_both("npn_objective"), dest="npn_objective", default="unified",
-                     choices=["unified", "regression"])
-    npn.add_argument(*_both("npn_update"), dest="npn_update", default="alternating",
-                     choices=["alternating", "simultaneous"])
-    npn.add_argument(*_both("npn_init_scale"), dest="npn_init_scale", type=float, default=20.0,
-                     help="RMS coordinate of a restarted prototype (norm = scale·√d). α only sees directions; "
-                          "AdaGrad's first step (±lr per coordinate) turns a prototype by about lr/scale "
-                          "radians, so this sets what --npn_lr means (scripts/npn_lr_study.py)")
-    npn.add_argument(*_both("npn_adagrad_reset"), dest="npn_adagrad_reset", default="restart",
-                     choices=["restart", "never"], help="zero AdaGrad's accumulators at every restart, or never")
-    npn.add_argument(*_both("npn_fill"), dest="npn_fill", default="ring", choices=["ring", "resample"],
-                     help="restart with m > global batch: after the batch, take the most recent earlier "
-                          "batches' embeddings (ring), or resample the batch with small noise")
-    npn.add_argument(*_both("npn_mlp_lr"), dest="npn_mlp_lr", type=float, default=1e-3,
-                     help="AdaGrad lr of the --npn_arch mlp ablation (--npn_lr is the prototypes')")
-    npn.add_argument(*_both("amorlip_lr"), dest="amorlip_lr", type=float, default=1e-3,
-                     help="AmorLIP: Adam lr of the normalizer MLPs (--npn_repetition steps per encoder step)")
-    npn.add_argument(*_both("amorlip_ema"), dest="amorlip_ema", type=float, default=0.92,
-                     help="AmorLIP: EMA β of the network whose predictions weight the encoder's negatives")
-    npn.add_argument(*_both("amorlip_target_mix"), dest="amorlip_target_mix", type=float, default=0.0,
-                     help="AmorLIP: final weight of the previous epoch's network in the regression target "
-                          "(0: off; AmorLIP's --fit_w_prev used 0.8)")
-    npn.add_argument(*_both("amorlip_mix_epochs"), dest="amorlip_mix_epochs", type=int, default=15,
-                     help="AmorLIP: epochs over which the target mix weight rises on a cosine")
+    # The methods' and estimators' flags: each registry entry adds its own (contrastive.registry).
+    registry.add_arguments(p)
     add_open_clip_flags(p)
     return p
 
@@ -220,39 +150,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_name(args) -> str:
     """The registry name of the training method the flags ask for."""
-    if args.siglip:
-        return "siglip"
-    return "gcl" if args.fastclip else "openclip"
+    return registry.chosen_method(args).name
 
 
 def validate(args) -> None:
     """Reject flags that do not fit together, naming them; fill derived defaults."""
-    family_only = {"--npn": args.npn, "--amorlip": args.amorlip, "--multiply_tau": args.multiply_tau,
-                   "--estimator": args.estimator is not None}
-    if not args.fastclip:
-        bad = [flag for flag, on in family_only.items() if on]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} only applies to the global contrastive loss family: "
-                             "add --fastclip")
-    if args.siglip and args.fastclip:
-        raise ValueError("--siglip and --fastclip are different losses: choose one")
-    if args.npn and args.amorlip:
-        raise ValueError("--npn and --amorlip are different estimators: choose one")
-    implied = "npn" if args.npn else "amorlip" if args.amorlip else None
-    if implied and args.estimator not in (None, implied):
-        raise ValueError(f"--{implied} conflicts with --estimator {args.estimator}")
-    args.estimator = implied or args.estimator or "moving_average"
-    if args.fastclip and args.estimator == "moving_average" and args.temperature_scheme.startswith("individual") \
-            and args.multiply_tau:
-        raise ValueError("--multiply_tau is for global temperatures; individual temperatures (FastCLIP-v2) "
-                         "already use the robust loss")
-    if not 0 < args.temperature <= 1:
-        raise ValueError(f"--temperature {args.temperature} must be in (0, 1]")
-    if args.lr_tau < 0:
-        args.lr_tau = args.lr
+    registry.validate(args)  # the methods' and estimators' own rules; sets args.method, args.estimator
     for flag, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs),
-                        ("--accum-freq", args.accum_freq), ("--npn_repetition", args.npn_repetition),
-                        ("--npn_num_protos", args.npn_num_protos)):
+                        ("--accum-freq", args.accum_freq)):
         if value < 1:
             raise ValueError(f"{flag} must be ≥ 1, got {value}")
     for flag, value in (("--save-every-n-steps", args.save_every_n_steps),
@@ -267,16 +172,12 @@ def validate(args) -> None:
         raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
     if args.workers < 0:
         raise ValueError(f"--workers must be ≥ 0, got {args.workers}")
-    if not 0 < args.gamma <= 1:
-        raise ValueError(f"--gamma {args.gamma} must be in (0, 1]")
     if args.train_num_samples is not None and args.train_num_samples < 1:
         raise ValueError("--train-num-samples must be positive")
     if args.gather_with_grad and not args.local_loss and args.fastclip:
         pass  # the family never gathers with gradient; accepted for command-line compatibility
     validate_open_clip_flags(args)
-    args.method = method_name(args)
-    args.uses_per_sample_state = args.fastclip and (
-        args.estimator == "moving_average" or args.temperature_scheme.startswith("individual"))
+    args.uses_per_sample_state = registry.per_sample_state_bytes(args) > 0
 
 
 def resolve_precision(args, device_type: str) -> str:
@@ -292,7 +193,7 @@ def default_run_name(args, now: datetime | None = None) -> str:
     """open_clip's convention, plus the method: a timestamp first, so two runs never share a run folder
     by accident (passing the same --name again is how a run is resumed). Under slurm the job id takes the
     timestamp's place: a requeued job (same id) then finds its folder and resumes by itself."""
-    method = args.method if args.method != "gcl" else args.estimator
+    method = registry.run_name_tag(args)
     job = os.environ.get("SLURM_JOB_ID", "")
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):  # as squeue shows it
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from contrastive.estimators import moving_average_gamma
+from contrastive.moving_average import moving_average_gamma
 
 TEMPERATURE_GROUP = "temperature"
 

@@ -124,9 +124,9 @@ def state_bytes(method) -> int:
 def state_sizes(specs: list[MethodSpec], dims: list[int], allocated: list[int], computed: list[int]) -> list[dict]:
     """Persistent state per method, embedding width and data size n (the sample-key space): built for real
     for n in `allocated`; for n in `computed`, the state at the smallest allocated n plus the per-sample
-    bytes × (n − that n) (`contrastive.estimators.per_sample_state_bytes`), checked against the allocated ones."""
-    from contrastive import build_method  # noqa: PLC0415
-    from contrastive.estimators import per_sample_state_bytes  # noqa: PLC0415
+    bytes × (n − that n) (`contrastive.registry.per_sample_state_bytes`: the method's entry says), checked against
+    the allocated ones."""
+    from contrastive import build_method, registry  # noqa: PLC0415
     rows = []
     for dim in dims:
         for spec in specs:
@@ -138,7 +138,7 @@ def state_sizes(specs: list[MethodSpec], dims: list[int], allocated: list[int], 
                 del method
             n0 = min(allocated)
             args0 = build_args(spec, "neuclip-tiny", 64, "fp32", n0, torch.device("cpu"))
-            per_sample = per_sample_state_bytes(args0) // max(n0, 1) if args0.method == "gcl" else 0
+            per_sample = registry.per_sample_state_bytes(args0)
             fixed = measured[n0] - per_sample * n0
             predicted = {n: fixed + per_sample * n for n in allocated}
             sizes = {n: {"bytes": measured[n], "how": "allocated"} for n in allocated}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from contrastive import Features, build_method
+from contrastive import ContrastiveMethod, Features, build_method
 from training.bench.common import FAMILY_FLAGS, METHOD_LABELS
 from training.bench.regime_data import EpochSampler, FeatureData, FeatureHeads, FeatureSpec
 from training.eval.estimation_error import (anchor_inverse_temperatures, error_metrics, method_eps,
@@ -90,11 +90,9 @@ def method_flags(method: str, arm: Arm, cfg: RegimeConfig, n: int, total_steps: 
     return flags
 
 
-class _MiniBatchOnly:
-    """A method-shaped object whose estimate is the mini-batch one (method_log_normalizers' fallback)."""
-
-    def log_normalizers(self, feats):
-        return None
+class _MiniBatchOnly(ContrastiveMethod):
+    """A method whose estimate is the mini-batch one: the interface's defaults (no estimates of its own, so
+    method_log_normalizers falls back to the batch's; λ from the logit scale)."""
 
 
 @torch.no_grad()

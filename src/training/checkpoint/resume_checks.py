@@ -15,26 +15,29 @@ from __future__ import annotations
 
 import re
 
+from contrastive import registry
+
 from training.errors import UserError
 
-SIZE_FLAGS = ("model", "estimator", "npn_num_protos")  # stored in each checkpoint, compared on load
+#: Stored in each checkpoint, compared on load; then every registry entry's resume-fixed flags (npn_num_protos).
+SIZE_FLAGS = ("model", "estimator")
 
 
 def size_flags(args) -> dict:
-    return {name: str(getattr(args, name, None)) for name in SIZE_FLAGS}
+    return {name: str(getattr(args, name, None)) for name in SIZE_FLAGS + tuple(registry.resume_fixed_flags())}
 
 
 def check_size_flags(path: str, ckpt: dict, args) -> None:
-    """Refuse a checkpoint whose NPN has another number of prototypes (same method, NPN both sides)."""
+    """Refuse a checkpoint whose method state another value of a resume-fixed flag would not fit (same
+    method; an estimator's flags only when both sides use it): e.g. an NPN with another number of prototypes."""
     stored = ckpt.get("size_flags") or {}
     if ckpt.get("method_name", getattr(args, "method", None)) != getattr(args, "method", None):
         return  # another method: only the model weights are restored
-    if stored.get("estimator") == "npn" == getattr(args, "estimator", None):
-        old, new = stored.get("npn_num_protos"), str(args.npn_num_protos)
-        if old is not None and old != new:
-            raise UserError(f"{path} was written with --npn_num_protos {old}, this run has --npn_num_protos {new}: "
-                             "the NPN's prototypes and their AdaGrad state cannot be resized; relaunch with "
-                             f"--npn_num_protos {old}, or start a new run (another --name, or --resume-fresh)")
+    changed = registry.changed_resume_fixed_flag(stored, args)
+    if changed:
+        flag, old, new, why = changed
+        raise UserError(f"{path} was written with --{flag} {old}, this run has --{flag} {new}: {why}; relaunch "
+                        f"with --{flag} {old}, or start a new run (another --name, or --resume-fresh)")
 
 
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape (\S+(?: \S+)*?) from checkpoint, "

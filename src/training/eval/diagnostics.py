@@ -19,7 +19,7 @@ import time
 import open_clip
 import torch
 
-from contrastive import build_method
+from contrastive import build_method, registry
 
 from training.eval import estimation_error as diag
 from training.eval.evaluate import read_params, resolve_checkpoint, result_name
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     metrics = diag.estimation_error(model, method, reference, args, device, step=step, batch_size=chunk)
     record = {"checkpoint": os.path.abspath(checkpoint), "method": args.method,
-              "estimator": args.estimator if args.method == "gcl" else None, "step": step, "epoch": epoch,
+              "estimator": registry.estimator_name(args), "step": step, "epoch": epoch,
               "samples_seen": step * diag.global_batch_size(args), **metrics,
               "est_err_samples": len(reference), "est_err_batch": chunk}
     out_dir = os.path.join(opts.output_dir or run_dir, "eval_results")

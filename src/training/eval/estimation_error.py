@@ -205,7 +205,7 @@ def _log_normalizers(anchors: torch.Tensor, columns: torch.Tensor, scale: torch.
             # row i's positive is column r0 + i, i.e. column r0 + i − c0 of this tile (absent if outside)
             running = torch.logaddexp(running, core._logsumexp_without_positive(logits, r0 - c0))
         log_g[rows] = running
-    return core._log_eps_plus_exp(log_g - math.log(n - 1), eps)
+    return core.log_eps_plus_exp(log_g - math.log(n - 1), eps)
 
 
 def reference_chunks(n: int, batch_size: int, seed: int = CHUNK_SEED) -> list[tuple[torch.Tensor, slice]]:
@@ -230,20 +230,15 @@ def reference_chunks(n: int, batch_size: int, seed: int = CHUNK_SEED) -> list[tu
 
 
 def anchor_inverse_temperatures(method, feats: Features) -> tuple[torch.Tensor, torch.Tensor]:
-    """λ = 1/τ of the anchors of `feats` (images, texts), detached fp32: from the method's temperature scheme
-    when it has one (FastCLIP-v2's per-sample τ_i are looked up by key), else the model's logit_scale."""
-    scheme = getattr(method, "temperature", None)
-    if callable(getattr(scheme, "inverse_temperatures", None)):
-        scale_img, scale_txt = scheme.inverse_temperatures(feats)
-    else:
-        scale_img = scale_txt = feats.logit_scale.reshape(())
+    """λ = 1/τ of the anchors of `feats` (images, texts), detached fp32, as the method says
+    (`ContrastiveMethod.inverse_temperatures`: FastCLIP-v2's per-sample τ_i by key, else the logit scale)."""
+    scale_img, scale_txt = method.inverse_temperatures(feats)
     return fp32(scale_img.detach()), fp32(scale_txt.detach())
 
 
 def method_eps(method, args) -> float:
-    """The ε the method adds to every normalizer (--fastclip_eps for methods without one)."""
-    eps = getattr(method, "eps", None)
-    return float(args.fastclip_eps if eps is None else eps)
+    """The ε the method adds to every normalizer (`ContrastiveMethod.eps`; --fastclip_eps for methods without one)."""
+    return float(args.fastclip_eps if method.eps is None else method.eps)
 
 
 @torch.no_grad()

@@ -54,4 +54,4 @@ def _anchor_log_normalizers(rows: torch.Tensor, columns: torch.Tensor, anchors: 
         own = ((anchors >= c0) & (anchors < c1)).nonzero().squeeze(1)  # anchors whose own pair is in this tile
         logits[own, anchors[own] - c0] = -math.inf
         running = torch.logaddexp(running, logits.logsumexp(dim=1))
-    return core._log_eps_plus_exp(running - math.log(n - 1), eps)
+    return core.log_eps_plus_exp(running - math.log(n - 1), eps)

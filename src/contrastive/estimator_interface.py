@@ -4,9 +4,10 @@ An estimator supplies, for every anchor of the gathered batch, a detached estima
 log-normalizer log(ε + g(i, S)) over the whole data set S. The loss core turns it into weights
 exp(−a_i) on each anchor's negatives. Estimators own their state (moving averages by sample key,
 NPN weights and AdaGrad accumulators, ...) as buffers/parameters so `state_dict()` checkpoints it.
+Estimators register themselves in `contrastive.registry` (kind ESTIMATOR).
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -55,19 +56,3 @@ class NormalizerEstimator(nn.Module):
 
     def scalars(self) -> dict:
         return {}
-
-
-_ESTIMATORS: dict[str, Callable] = {}
-
-
-def register_estimator(name: str):
-    def deco(builder):
-        _ESTIMATORS[name] = builder
-        return builder
-    return deco
-
-
-def build_estimator(name: str, args, embed_dim: int) -> NormalizerEstimator:
-    if name not in _ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; known: {', '.join(sorted(_ESTIMATORS))}")
-    return _ESTIMATORS[name](args, embed_dim)

@@ -10,15 +10,16 @@ and `method.on_epoch_start(epoch)` once per epoch. Parameters the main optimizer
 (moving averages, NPN weights and their AdaGrad accumulators, per-sample temperatures) lives in
 buffers / parameters so `state_dict()` carries all of it into checkpoints.
 `log_normalizers(...)` exposes the method's current estimate of each anchor's log-normalizer for the
-estimation-error diagnostic; it is the same call for every method.
+estimation-error diagnostic; it is the same call for every method, and so are `inverse_temperatures(feats)`
+and `eps` (what the diagnostic needs to form the batch normalizers the method's estimates are compared with).
+Methods register themselves in `contrastive.registry`.
 """
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .features import Features
+from .features import Features, fp32
 
 
 @dataclass
@@ -33,6 +34,9 @@ class ContrastiveMethod(nn.Module):
     #: True when the loss uses `Features.logit_bias` (the model's own bias, where it has one); otherwise
     #: the trainer freezes that bias, which would get no gradient (and break DDP's unused-parameter check).
     uses_logit_bias: bool = False
+    #: The ε the method adds to every normalizer; None: it adds none of its own (the diagnostic then uses
+    #: --fastclip_eps).
+    eps: float | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
@@ -54,6 +58,12 @@ class ContrastiveMethod(nn.Module):
         """The method's estimates a_i ≈ log(ε + g(i, S)) for the gathered anchors, or None."""
         return None
 
+    def inverse_temperatures(self, feats: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ = 1/τ of the anchors of `feats` (images, texts), detached fp32: the model's logit scale unless the
+        method has its own temperature scheme (a scalar, or one value per anchor)."""
+        scale = fp32(feats.logit_scale.reshape(()).detach())
+        return scale, scale
+
     def scalars(self) -> dict:
         """Extra values to log (γ, NPN time, ...)."""
         return {}
@@ -64,23 +74,3 @@ class ContrastiveMethod(nn.Module):
 #: that updates its own state there keeps the old state where it is True, with tensor ops (no host sync).
 #: Absent when the loop decided on the host; then `after_encoder_step` runs only after a real step.
 STEP_SKIPPED = "step_skipped"
-
-_REGISTRY: dict[str, Callable] = {}
-
-
-def register(name: str):
-    def deco(builder):
-        _REGISTRY[name] = builder
-        return builder
-    return deco
-
-
-def method_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_method(name: str, args, model: nn.Module) -> ContrastiveMethod:
-    """Build a method by its registry name; `args` are the parsed training flags."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(method_names())}")
-    return _REGISTRY[name](args, model)

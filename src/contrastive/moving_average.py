@@ -1,4 +1,4 @@
-"""The two estimators with no network: the mini-batch one and FastCLIP's moving average.
+"""The two estimators with no network: FastCLIP's moving average and the mini-batch one (its γ = 1 case).
 
 * `minibatch`: a_i = log(ε + g(i, B)) of the gathered batch B. With this estimator the family's
   gradient is the mini-batch contrastive loss's (OpenCLIP's InfoNCE up to constants and ε).
@@ -8,8 +8,8 @@
 
 Per-sample state lives in `PerSampleTable`s: float32, indexed by key, a full copy on every rank and on
 the host (as the reference keeps it): 414M keys take 3.3 GB, which should not compete with activations
-for accelerator memory, and a step touches only N entries. `check_memory` refuses to start a run whose
-tables would not fit in RAM.
+for accelerator memory, and a step touches only N entries. `per_sample_memory.check_memory` refuses to
+start a run whose tables would not fit in RAM.
 
 How the moving average differs from the reference FastCLIP code, and why:
   * u is stored as log u. ε + g reaches exp(200) at τ = 0.01 (s_ij − s_ii up to 2), past fp32's
@@ -25,15 +25,12 @@ How the moving average differs from the reference FastCLIP code, and why:
     and the last occurrence is written (deterministically: writes are de-duplicated first).
 """
 import math
-import os
 
 import torch
-from torch import nn
 
-from .estimator import BatchStats, Estimate, NormalizerEstimator, register_estimator
+from .estimator_interface import BatchStats, Estimate, NormalizerEstimator
 from .features import Features
 from .table import PerSampleTable
-from .temperature import per_sample_temperature_bytes
 
 #: The reference's threshold below which a stored u counts as never set.
 LOG_RESET_THRESHOLD = math.log(1e-35)
@@ -120,56 +117,9 @@ class MovingAverageEstimator(NormalizerEstimator):
         return {"gamma": self.gamma}
 
 
-@register_estimator("minibatch")
-def build_minibatch(args, embed_dim: int) -> MiniBatchEstimator:
-    return MiniBatchEstimator()
-
-
-@register_estimator("moving_average")
 def build_moving_average(args, embed_dim: int) -> MovingAverageEstimator:
     return MovingAverageEstimator(args.data_size, args.gamma, args.gamma_schedule, args.gamma_decay_epochs)
 
 
-# ------------------------------------------------------------------------------------ memory check
-
-def per_sample_state_bytes(args) -> int:
-    """Bytes of per-sample state one rank keeps for these flags (every rank keeps a full copy)."""
-    per_sample = per_sample_temperature_bytes(args.temperature_scheme)
-    if args.estimator == "moving_average":
-        per_sample += PerSampleTable.bytes_per_sample(MovingAverageEstimator.COLUMNS)
-    return per_sample * max(args.data_size, 0)
-
-
-def available_ram_bytes() -> int:
-    """MemAvailable from /proc/meminfo (free + reclaimable), else the free physical pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_memory(args, processes_per_host: int | None = None, available: int | None = None) -> int:
-    """Refuse, before allocating, per-sample state that would not fit in this host's RAM.
-
-    Every process on the host keeps its own copy (LOCAL_WORLD_SIZE processes by default).
-    Returns the bytes one process will allocate.
-    """
-    per_process = per_sample_state_bytes(args)
-    if per_process == 0:
-        return 0
-    processes = processes_per_host or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    available = available_ram_bytes() if available is None else available
-    needed = per_process * processes
-    if needed > available:
-        raise MemoryError(
-            f"per-sample state needs {needed} bytes ({needed / 2**30:.2f} GiB: "
-            f"{per_process // max(args.data_size, 1)} bytes x --data_size {args.data_size} x "
-            f"{processes} process(es) on this host) but only {available} bytes "
-            f"({available / 2**30:.2f} GiB) of RAM are available. Fix: set --data_size to the "
-            "largest sample key + 1 (not more), run fewer processes per host, or use an estimator "
-            "without per-sample state (--estimator npn) and a global temperature scheme.")
-    return per_process
+def build_minibatch(args, embed_dim: int) -> MiniBatchEstimator:
+    return MiniBatchEstimator()
