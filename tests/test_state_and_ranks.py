@@ -25,7 +25,7 @@ from contrastive.neuclip import NeuCLIPEstimator
 from contrastive.openclip import SigLipMethod
 from contrastive.temperature import TAU_GRAD_CLAMP, GlobalTemperature, per_sample_tau_gradient
 from training.checkpoint import CheckpointManager, atomic_save
-from training.loop import MAX_LOGIT_SCALE, average_method_grads, train_one_epoch
+from training.loop import MAX_LOGIT_SCALE, _step_optimizer, train_one_epoch
 from training.train_state import TrainState
 
 WORLD, DIM = 2, 8
@@ -120,6 +120,15 @@ def checkpoint_rng_round_trip(rank: int, out_dir: str) -> dict:
     return {"uninterrupted": uninterrupted, "resumed": draws()}
 
 
+def step_optimizer_as_the_loop_does(method: nn.Module) -> None:
+    """The loop's own optimizer step (clip, average the method's gradients, step) with lr 0: the gradients
+    are left as the step saw them, and a step that forgets to average them is caught, not only a broken
+    average_method_grads."""
+    params = [p for group in method.trainable_parameter_groups() for p in group["params"]]
+    args = SimpleNamespace(grad_clip_norm=None, max_nonfinite_steps=3)
+    assert _step_optimizer(nn.Identity(), method, torch.optim.SGD(params, lr=0.0), None, args, TrainState())
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -128,7 +137,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = {}
         for name, method in methods_with_own_parameters().items():
             before = rank_gradients(rank, method)
-            average_method_grads(method)
+            step_optimizer_as_the_loop_does(method)
             after = [p.grad for group in method.trainable_parameter_groups() for p in group["params"]]
             result[name] = {"before": before, "after": after}
         result["rng"] = checkpoint_rng_round_trip(rank, out_dir)
@@ -149,8 +158,9 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["siglip_bias", "npn_simultaneous"])
 def test_loop_averages_the_methods_own_gradients_over_ranks(ranks, name):
-    """Catches training.loop.average_method_grads not averaging (or summing, or averaging only some
-    tensors) the parameters outside DDP: SigLIP's bias and the simultaneously trained NPN. The ranks'
+    """Catches the loop's optimizer step not averaging (or summing, or averaging only some tensors, or
+    never calling training.loop.average_method_grads for) the parameters outside DDP: SigLIP's bias and the
+    simultaneously trained NPN. The ranks'
     gradients differ, so "every rank keeps its own" fails here."""
     before = [r[name]["before"] for r in ranks]
     assert not torch.equal(before[0][0], before[1][0])
