@@ -3,7 +3,8 @@
 
     python scripts/import_graph.py [--dot FILE]
 
-Layers, lowest first (a module may import its own layer and the ones below; tests/test_layout.py checks it):
+Layers, lowest first (a module may import its own layer and the ones below; tests/test_layout.py defines
+and checks them):
   ground      errors and exit statuses, batching, logging, the step-observer interface, process groups: what every part uses and that uses nothing
   methods     contrastive: the objectives and their estimators (never import the trainer)
   parts       flags, data, optimizer, schedule, checkpoint, interop, evaluation, the loop and its observers
@@ -19,32 +20,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_layout import SRC, import_graph  # noqa: E402
-
-LAYERS = ("ground", "methods", "parts", "start-up", "entry", "clients")
-GROUND = ("training.errors", "training.batching", "training.logger", "training.observers", "training.distributed", "training.elastic",
-          "training.startup.threads", "training.startup.quiet")
-
-
-def layer_of(module: str) -> str:
-    if module == "training" or module.startswith(GROUND):
-        return "ground"
-    if module.split(".")[0] == "contrastive":
-        return "methods"
-    if module.startswith("training.bench"):
-        return "clients"
-    if module == "training.main":
-        return "entry"
-    if module.startswith("training.startup"):
-        return "start-up"
-    return "parts"
-
-
-def upward_imports(graph: dict) -> list[tuple[str, str]]:
-    rank = {name: i for i, name in enumerate(LAYERS)}
-    return sorted((m, t) for m, targets in graph.items() for t in targets
-                  if rank[layer_of(t)] > rank[layer_of(m)])
-
+from test_layout import LAYERS, SRC, import_graph, layer_of, upward_imports  # noqa: E402
 
 def functions(limit: int = 5) -> list[tuple[int, str]]:
     found = []

@@ -79,6 +79,36 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+# The layers, lowest first; a module imports its own layer and the ones below (scripts/import_graph.py prints
+# them): ground (errors and exit statuses, the global batch, logging, the step-observer interface, process
+# groups: used by everything, using nothing), methods (contrastive), parts (flags, data, optimizer, schedule,
+# checkpoint, interop, evaluation, the loop and its observers), start-up (process set-up and its checks),
+# entry (training.main), clients (the benchmark).
+LAYERS = ("ground", "methods", "parts", "start-up", "entry", "clients")
+GROUND = ("training.errors", "training.batching", "training.logger", "training.observers", "training.distributed",
+          "training.elastic", "training.startup.threads", "training.startup.quiet")
+
+
+def layer_of(module: str) -> str:
+    if module == "training" or module.startswith(GROUND):
+        return "ground"
+    if module.split(".")[0] == "contrastive":
+        return "methods"
+    if module.startswith("training.bench"):
+        return "clients"
+    if module == "training.main":
+        return "entry"
+    if module.startswith("training.startup"):
+        return "start-up"
+    return "parts"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if rank[layer_of(t)] > rank[layer_of(m)])
+
+
 def test_no_import_circles():
     """Catches two modules that import each other (even lazily, inside a function): a seam in the wrong
     place, e.g. a CLI imported by its own library or a shared type living in one of its two users."""
@@ -107,3 +137,17 @@ def test_trainer_core_does_not_import_the_benchmark():
                  for m, targets in import_graph().items()
                  if m.startswith("training") and not m.startswith("training.bench")}
     assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_imports_point_down_the_layers():
+    """Catches a module importing a layer above its own (LAYERS): e.g. the checkpoint code importing a start-up
+    module, the ground floor (errors, logging) importing a part of the trainer, or a trainer part importing
+    the entry point. Such an import is how circles start, and it makes the lower module untestable alone."""
+    assert upward_imports(import_graph()) == []
+
+
+def test_layer_check_finds_a_planted_upward_import():
+    """Catches a layer check that never reports anything (which would make the test above vacuous)."""
+    graph = import_graph()
+    graph["training.errors"] = graph["training.errors"] | {"training.main"}
+    assert ("training.errors", "training.main") in upward_imports(graph)
