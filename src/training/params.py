@@ -12,6 +12,7 @@ from datetime import datetime
 from contrastive import registry
 from contrastive.registry import both_spellings as _both
 
+from training.batching import global_batch
 from training.startup.threads import default_workers
 
 from training.interop.open_clip_flags import add_open_clip_flags, validate_open_clip_flags
@@ -206,8 +207,8 @@ def schedule_numbers(args, steps_per_epoch: int) -> dict:
     """The derived numbers printed at start."""
     total = steps_per_epoch * args.epochs
     return {"world_size": args.world_size, "local_batch": args.batch_size,
-            "global_batch": args.batch_size * args.world_size * args.accum_freq,
+            "global_batch": global_batch(args),
             "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "warmup_steps": min(args.warmup, total), "epochs": args.epochs,
-            "samples_seen": total * args.batch_size * args.world_size * args.accum_freq,
+            "samples_seen": total * global_batch(args),
             "warmup_epochs": round(args.warmup / max(steps_per_epoch, 1), 2) if steps_per_epoch else math.nan}

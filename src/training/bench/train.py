@@ -19,6 +19,7 @@ import math
 import os
 import sys
 
+from training.batching import global_batch
 from training.bench.common import METHOD_LABELS, REPO_ROOT, fmt, fmt_pm, markdown_table, mean_std, pyplot, save_figure
 from training.bench.runs import results_lines, run_once, train_flags, train_spec
 from training.bench.targets import error_target_lines, last_checkpoint_lines, quality_target_lines
@@ -135,7 +136,7 @@ def error_from_checkpoint(run_dir: str, step: int, reference: int, device: str) 
         _REFERENCES.clear()
         _REFERENCES[key] = diag.reference_set(args, preprocess_val, tokenizer, reference)
     metrics = diag.estimation_error(model, method, _REFERENCES[key], args, dev, step=step)
-    batch = diag.global_batch_size(args)
+    batch = global_batch(args)
     return {**metrics, "step": step, "samples_seen": step * batch, "epoch": ckpt.get("epoch")}
 
 

@@ -21,6 +21,7 @@ import torch
 
 from contrastive import build_method, registry
 
+from training.batching import global_batch
 from training.eval import estimation_error as diag
 from training.eval.evaluate import read_params, resolve_checkpoint, result_name
 from training.params import build_parser
@@ -119,13 +120,13 @@ def main(argv=None) -> dict:
 
     samples = opts.samples or getattr(args, "est_err_samples", diag.DEFAULT_SAMPLES)
     reference = diag.reference_set(args, preprocess_val, tokenizer, samples)
-    chunk = opts.chunk_size or diag.global_batch_size(args)
+    chunk = opts.chunk_size or global_batch(args)
     step, epoch = int(ckpt.get("step", 0)), ckpt.get("epoch", 0)
     start = time.perf_counter()
     metrics = diag.estimation_error(model, method, reference, args, device, step=step, batch_size=chunk)
     record = {"checkpoint": os.path.abspath(checkpoint), "method": args.method,
               "estimator": registry.estimator_name(args), "step": step, "epoch": epoch,
-              "samples_seen": step * diag.global_batch_size(args), **metrics,
+              "samples_seen": step * global_batch(args), **metrics,
               "est_err_samples": len(reference), "est_err_batch": chunk}
     out_dir = os.path.join(opts.output_dir or run_dir, "eval_results")
     os.makedirs(out_dir, exist_ok=True)

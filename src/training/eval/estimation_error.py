@@ -63,6 +63,7 @@ import torch
 from contrastive import Features, core
 from contrastive.features import fp32
 
+from training.batching import global_batch
 from training.data.loader import SAMPLE_MEMBERS, CsvCaptions, ShardSampleDecoder, resolve_dataset_type
 from training.data.checks import KeyRangeCheck, SkipLog, UnusableSample, expand_shard_urls, tarfile_to_samples
 from training.distributed import unwrap
@@ -272,10 +273,6 @@ def error_metrics(est_img: torch.Tensor, est_txt: torch.Tensor, truth_img: torch
             "est_bias/image": diff_img.mean().item(), "est_bias/text": diff_txt.mean().item()}
 
 
-def global_batch_size(args) -> int:
-    return args.batch_size * getattr(args, "world_size", 1) * getattr(args, "accum_freq", 1)
-
-
 @torch.no_grad()
 def encode_reference(model, reference: ReferenceSet, settings: EvalSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised fp32 embeddings of the reference images and texts, in eval mode."""
@@ -301,7 +298,7 @@ def estimation_error(model, method, reference: ReferenceSet, args, device, *, st
         method, Features.precomputed(image, text, logit_scale, keys, step=step))
     truth_img, truth_txt = true_log_normalizers(image, text, scale_img, scale_txt, eps)
     est_img, est_txt = method_log_normalizers(method, image, text, logit_scale, keys,
-                                              batch_size or global_batch_size(args), eps, step=step)
+                                              batch_size or global_batch(args), eps, step=step)
     return error_metrics(est_img, est_txt, truth_img, truth_txt)
 
 
@@ -316,7 +313,7 @@ def log_estimation_error(model, method, reference: ReferenceSet | None, args, de
     if reference is None or not getattr(args, "is_master", True):
         return {}
     start = time.perf_counter()
-    chunk = global_batch_size(args)
+    chunk = global_batch(args)
     metrics = estimation_error(model, method, reference, args, device, step=step, batch_size=chunk)
     log.info("Estimation error at step %d (epoch %.2f; %d reference samples, batches of %d, %.1f s): %s",
              step, epoch, len(reference), chunk, time.perf_counter() - start,
@@ -363,11 +360,11 @@ class EstimationErrorMonitor:
             reference = reference_set(args, preprocess_val, tokenizer, samples)
             log.info("Estimation error every %d steps and at epoch ends on %d reference samples (keys %d..%d), "
                      "batches of %d (built in %.1f s)", every, len(reference), int(reference.keys[0]),
-                     int(reference.keys[-1]), global_batch_size(args), time.perf_counter() - start)
-            if len(reference) <= global_batch_size(args):
+                     int(reference.keys[-1]), global_batch(args), time.perf_counter() - start)
+            if len(reference) <= global_batch(args):
                 log.warning("estimation error: %d reference samples do not exceed the global batch (%d): the "
                             "truth is then no better than one batch; raise --est-err-samples",
-                            len(reference), global_batch_size(args))
+                            len(reference), global_batch(args))
         return cls(every, reference, args, device, tb, run_dir)
 
     @property
