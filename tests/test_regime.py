@@ -189,3 +189,16 @@ def test_regime_flags_are_checked_before_anything_runs(tmp_path):
     opts = cli.parse_opts(["--out", str(tmp_path), "--parts", "regime"])
     assert (opts.regime_batch, opts.regime_ratios, opts.regime_steps, opts.regime_seeds) == (256, [100, 1000, 3000],
                                                                                              6000, [0, 1, 2])
+
+
+def test_matched_epochs_give_every_ratio_the_same_epochs():
+    """Catches --regime-epochs running the same steps at every n/B (then epochs differ by the ratio of the n/B,
+    the flaw the option exists to remove) or measuring at the shortest run's steps instead of each run's own
+    fractions."""
+    from training.bench.regime import run_grid  # noqa: PLC0415
+    cfg = RegimeConfig(batch=8, steps=999, checkpoints=2, anchors=16, protos=8, restart=5, epochs=1.5)
+    assert (cfg.steps_for(4), cfg.steps_for(10)) == (6, 15)
+    runs = run_grid(cfg, [4, 10], ["fixed"], [0], ["fastclip"], log=lambda _: None)
+    assert [r["steps"] for r in runs] == [6, 15]
+    assert [r["epochs"] for r in runs] == [pytest.approx(1.5), pytest.approx(1.5)]
+    assert [[c["step"] for c in r["checkpoints"]] for r in runs] == [[3, 6], [8, 15]]

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("ratios", str, "n/B values, e.g. 100,1000,3000 (n = ratio × B)"),
                              ("seeds", str, "seeds, e.g. 0,1,2 (data, heads and batch order)")):
         p.add_argument(f"--regime-{name}", type=kind, default=None, help=f"regime part: {what}")
+    p.add_argument("--regime-epochs", type=float, default=None,
+                   help="regime part: run this many epochs at every n/B (steps = epochs × n/B; overrides --regime-steps)")
     p.add_argument("--regime-arms", default="tau,fixed,drift", help="regime part: arms (tau, fixed, drift)")
     p.add_argument("--regime-methods", default="openclip,fastclip,neuclip")
     p.add_argument("--regime-tau", type=float, default=0.05, help="regime part: τ of the fixed arms")
@@ -165,8 +167,9 @@ def check_sizes(opts) -> None:
         if bad:
             raise ValueError(f"--regime-arms/--regime-methods: unknown {bad}; arms {','.join(ARMS)}, methods "
                              f"{','.join(REGIME_METHODS)}")
-        if min(opts.regime_ratios) < 2 or opts.regime_steps < opts.regime_checkpoints or opts.regime_checkpoints < 1:
-            raise ValueError("--regime-ratios must be ≥ 2 and --regime-steps ≥ --regime-checkpoints ≥ 1")
+        if min(opts.regime_ratios) < 2 or opts.regime_steps < opts.regime_checkpoints or opts.regime_checkpoints < 1 \
+                or (opts.regime_epochs is not None and opts.regime_epochs <= 0):
+            raise ValueError("--regime-ratios must be ≥ 2, --regime-steps ≥ --regime-checkpoints ≥ 1 and --regime-epochs > 0")
     if "quality" in opts.parts and (opts.quality_samples % opts.quality_n or opts.quality_n % opts.quality_batch):
         raise ValueError("--quality-samples must be a multiple of --quality-n, and --quality-n of --quality-batch")
 

@@ -68,6 +68,11 @@ class RegimeConfig:
     restart: int = 500          # T_r
     embed: int = 64             # heads' output width
     spec: FeatureSpec = FeatureSpec()
+    epochs: float | None = None  # when set, every n/B runs this many epochs (steps = epochs × n/B), not `steps`
+
+    def steps_for(self, ratio: float) -> int:
+        """Steps of a run at this n/B: `steps`, or matched epochs (one epoch is n/B steps of B)."""
+        return self.steps if self.epochs is None else max(self.checkpoints, round(self.epochs * ratio))
 
 
 def method_flags(method: str, arm: Arm, cfg: RegimeConfig, n: int, total_steps: int) -> list[str]:
@@ -188,7 +193,7 @@ def run_grid(cfg: RegimeConfig, ratios: list[int], arms: list[str], seeds: list[
                 made = time.perf_counter() - start
                 for method in todo:
                     t0 = time.perf_counter()
-                    res = run_one(method, arm, cfg, data, seed, cfg.steps)
+                    res = run_one(method, arm, cfg, data, seed, cfg.steps_for(ratio))
                     res["seconds"] = time.perf_counter() - t0
                     results.append(res)
                     log(f"[regime] arm {arm.name} n/B {ratio} (n {n}) seed {seed} {METHOD_LABELS[method]}: "

@@ -19,7 +19,7 @@ CALIBRATION_SOURCE = os.path.join("docs", "results", "cpu-error-n2048", "error.j
 def config_of(opts) -> RegimeConfig:
     return RegimeConfig(batch=opts.regime_batch, steps=opts.regime_steps, checkpoints=opts.regime_checkpoints,
                         anchors=opts.regime_anchors, lr=opts.lr, tau=opts.regime_tau, protos=opts.npn_protos,
-                        restart=opts.npn_restart)
+                        restart=opts.npn_restart, epochs=opts.regime_epochs)
 
 
 def run_regime(opts, out: str, log) -> tuple[str, dict]:
@@ -28,6 +28,8 @@ def run_regime(opts, out: str, log) -> tuple[str, dict]:
     path = os.path.join(out, "regime.json")
     sizes = {"batch": cfg.batch, "steps": cfg.steps, "checkpoints": cfg.checkpoints, "anchors": cfg.anchors,
              "lr": cfg.lr, "tau": cfg.tau, "protos": cfg.protos, "restart": cfg.restart}
+    if cfg.epochs is not None:  # older regime.json files (steps only) stay reusable
+        sizes["epochs"] = cfg.epochs
     done, calibration = [], None
     if opts.reuse and os.path.exists(path):
         with open(path) as f:
@@ -70,7 +72,7 @@ def run_calibration(cfg: RegimeConfig, seeds: list[int], methods: list[str], log
     steps = real["samples"] // batch
     real_err = {r["method"]: _mean([c["est_err/mean"] for c in r["scheduled"]])
                 for r in runs if (r["batch"], r["n"]) == (batch, n)}
-    sim_cfg = RegimeConfig(**{**cfg.__dict__, "batch": batch, "steps": steps})
+    sim_cfg = RegimeConfig(**{**cfg.__dict__, "batch": batch, "steps": steps, "epochs": None})
     sim = {m: [] for m in real_err}
     for seed in seeds:
         data = FeatureData(n, seed=seed, spec=cfg.spec, drift=False)
@@ -111,12 +113,12 @@ def section_markdown(cfg: RegimeConfig, opts, state: dict, plot: str | None) -> 
              f"features (training.bench.regime_data: latent on a {cfg.spec.latent}-dim sphere from {cfg.spec.clusters} "
              f"Zipf-weighted clusters, d = {cfg.spec.dim}, two linear heads → {cfg.embed}). The project's own parse_args, "
              f"build_method, build_optimizer, LRScheduler and training.loop.train_step drive every run. B = {cfg.batch}, "
-             f"{cfg.steps} steps (cosine lr {cfg.lr:g}, 10% warm-up), seeds {', '.join(map(str, seeds))}; error = MSE of "
+             f"{_length(cfg)} (cosine lr {cfg.lr:g}, 10% warm-up), seeds {', '.join(map(str, seeds))}; error = MSE of "
              f"log(ε + g) on {cfg.anchors} random anchors against the exact value over all n "
-             f"(training.eval.exact_normalizers), mean of image and text, averaged over checkpoints at steps "
-             f"{', '.join(map(str, checkpoint_steps(cfg.steps, cfg.checkpoints)))}. NeuCLIP: m = {cfg.protos}, "
+             f"(training.eval.exact_normalizers), mean of image and text, averaged over "
+             f"{_checkpoints(cfg, ratios)}. NeuCLIP: m = {cfg.protos}, "
              f"T_u = {cfg.repetition}, T_r = {cfg.restart}. Fixed arms: τ = {cfg.tau:g}.", ""]
-    epochs = {ratio: cfg.steps / int(ratio) for ratio in ratios}
+    epochs = {ratio: cfg.steps_for(ratio) / int(ratio) for ratio in ratios}
     lines += ["Epochs run per setting (the paper runs ~24 at n/B ≈ 3 400): "
               + ", ".join(f"n/B {ratio:g}: {e:.2g}" for ratio, e in epochs.items()) + ".", ""]
     for arm in [a for a in opts.regime_arms if any(r["arm"] == a for r in runs)]:
@@ -148,6 +150,20 @@ def section_markdown(cfg: RegimeConfig, opts, state: dict, plot: str | None) -> 
     lines += [f"Wall time of the part: {state.get('seconds', math.nan) / 60:.1f} min; every number above is in "
               f"regime.json.", ""]
     return "\n".join(lines)
+
+
+def _length(cfg: RegimeConfig) -> str:
+    if cfg.epochs is None:
+        return f"{cfg.steps} steps"
+    return f"{cfg.epochs:g} epochs at every n/B (steps = epochs × n/B)"
+
+
+def _checkpoints(cfg: RegimeConfig, ratios) -> str:
+    if cfg.epochs is None:
+        return "checkpoints at steps " + ", ".join(map(str, checkpoint_steps(cfg.steps, cfg.checkpoints)))
+    return (f"{cfg.checkpoints} checkpoints at equal fractions of each run (equal epochs; steps "
+            + "; ".join(f"n/B {r:g}: " + ", ".join(map(str, checkpoint_steps(cfg.steps_for(r), cfg.checkpoints)))
+                        for r in ratios) + ")")
 
 
 def calibration_markdown(cal: dict | None) -> list[str]:
