@@ -200,3 +200,17 @@ def test_input_part_compares_both_pipelines_per_loader_core(tmp_path, one_thread
     assert set(size["decoders"]) == {"PIL (full size)", "PIL draft (DCT-scaled)", "torchvision decode_jpeg"}
     report = (out / "report.md").read_text()
     assert "## Input pipeline" in report and "| 96x72 |" in report and ">= 2.5x" in report
+    # End to end (catches the loader-bound comparison running this trainer in place of open_clip_train, one
+    # pipeline under both names, or a ratio taken against the wrong run): three trainings, each its own process
+    # and run folder, the peer's written by open_clip_train (no `input_pipeline` in its params), ours by this
+    # trainer with the pipeline its name says.
+    e2e = data["end_to_end"]
+    assert set(e2e["runs"]) == {"peer", "open_clip", "fast"} and e2e["rounds"] == 1
+    runs = out / "input_e2e" / "runs"
+    assert "input_pipeline" not in (runs / "peer-r0" / "params.txt").read_text()
+    for key in ("open_clip", "fast"):
+        assert f"input_pipeline: {key}" in (runs / f"{key}-r0" / "params.txt").read_text()
+        (run,), (peer,) = e2e["runs"][key], e2e["runs"]["peer"]
+        assert e2e["summary"][key]["vs_peer"]["median"] == pytest.approx(run["samples_per_s"] / peer["samples_per_s"])
+        assert run["samples_per_s"] > 0
+    assert "## Input pipeline end to end" in report and ">= 2x open_clip_train" in report

@@ -17,7 +17,8 @@ run folders of the trainings (logs and results; checkpoints are deleted once rea
            objects on synthetic backbone features; arms tau/fixed/drift; calibration against docs/results/
            cpu-error-n2048); only when asked for (training.bench.regime)
   input    training images/s per loader core, --input-pipeline fast vs open_clip on photo-like shards at
-           --input-sizes (training.bench.input); only when asked for
+           --input-sizes (training.bench.input), then end to end in a loader-bound run: this trainer vs
+           open_clip_train, samples/s (training.bench.input_e2e; --input-e2e-rounds 0 skips it); only when asked for
 
 `--quick` shrinks every size to a smoke test (minutes): its numbers are not results. Under torchrun only the
 cost part runs (every rank steps, rank 0 reports; comm = time inside the collectives). `--reuse` keeps the
@@ -49,14 +50,16 @@ FULL = dict(cost_batch=128, cost_warmup=3, cost_repeats=30, cost_data_batches=4,
             gpu_batch=512, gpu_warmup=5, gpu_repeats=30, peer_batch=128, peer_steps=30, peer_warmup=3,
             peer_rounds=5, regime_batch=256, regime_ratios="100,1000,3000", regime_steps=6000, regime_checkpoints=3,
             regime_anchors=1024, regime_seeds="0,1,2",
-            input_samples=512, input_samples_1024=256, input_rounds=3, input_batch=64)
+            input_samples=512, input_samples_1024=256, input_rounds=3, input_batch=64,
+            input_e2e_steps=20, input_e2e_rounds=5, input_e2e_size=512)
 QUICK = dict(cost_batch=32, cost_warmup=1, cost_repeats=5, cost_data_batches=2, cost_memory_steps=2,
              error_batches="16,32", error_n=64, error_samples=1280, error_checkpoints=5, error_reference=512,
              quality_batch=32, quality_n=320, quality_samples=640, seeds="0", npn_protos=32,
              gpu_batch=512, gpu_warmup=2, gpu_repeats=5, peer_batch=8, peer_steps=4, peer_warmup=1, peer_rounds=1,
              regime_batch=16, regime_ratios="10,30", regime_steps=60, regime_checkpoints=2, regime_anchors=128,
              regime_seeds="0",
-             input_samples=64, input_samples_1024=32, input_rounds=1, input_batch=16)
+             input_samples=64, input_samples_1024=32, input_rounds=1, input_batch=16,
+             input_e2e_steps=4, input_e2e_rounds=1, input_e2e_size=128)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("error", ("n", "samples", "checkpoints", "reference")),
                         ("quality", ("batch", "n", "samples")), ("gpu", ("batch", "warmup", "repeats")),
                         ("peer", ("batch", "steps", "warmup", "rounds")),
-                        ("input", ("samples", "samples_1024", "rounds", "batch"))):
+                        ("input", ("samples", "samples_1024", "rounds", "batch", "e2e_steps", "e2e_rounds", "e2e_size"))):
         for name in names:
             p.add_argument(f"--{part}-{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--error-batches", default=None, help="the two batch sizes of part 2, e.g. 64,128")
@@ -352,7 +355,12 @@ def _run_regime(opts, log):
 
 def _run_input(opts, log):
     from training.bench.input import run_input  # noqa: PLC0415
-    return run_input(opts, opts.out, log)
+    from training.bench.input_e2e import run_input_e2e  # noqa: PLC0415
+    section, data = run_input(opts, opts.out, log)
+    if opts.input_e2e_rounds > 0:
+        e2e_section, data["end_to_end"] = run_input_e2e(opts, opts.out, log)
+        section = "\n".join(filter(None, [section, e2e_section]))
+    return section, data
 
 
 def _json_default(obj):

@@ -12,6 +12,8 @@ rates. The device-side normalisation of the fast pipeline is not in it: it runs 
 alternating, and each round's ratio fast / open_clip is taken within the round, so a change in the load of a
 shared machine hits both alike; the table gives the median and range of the per-round ratios.
 
+Then, end to end, a loader-bound training of this trainer next to open_clip_train's (training.bench.input_e2e).
+
 Also measured, on the same JPEGs: decoding alone by PIL at full size and at the DCT scale the fast pipeline
 picks, and by torchvision.io.decode_jpeg (full size only: it has no DCT scaling); and tokenising one
 caption, the per-sample cost the two pipelines share.
@@ -189,5 +191,5 @@ def run_input(opts, out_dir: str, log) -> tuple[str, dict]:
         "(as the loader calls it) / a whole list at once.", "",
         markdown_table(["JPEG", "mean size", "open_clip img/core-s", "fast img/core-s", "ratio", "target", "wall",
                         "decode img/CPU-s (PIL / PIL draft / decode_jpeg)", "tokenise µs (one / list)"], rows), "",
-        f"`uptime` at the end: {uptime()}", ""])
+        f"`uptime` at the end: {uptime()}", ""]) if rows else ""
     return section, data
