@@ -36,9 +36,9 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
-def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, quality=90)
+    image.save(buffer, format=fmt, quality=90, **options)
     return buffer.getvalue()
 
 
@@ -100,23 +100,24 @@ def test_pixels_match_open_clip_on_the_same_crop_box(width, out, scale, max_leve
 
 def test_a_batch_mixing_jpegs_grayscale_png_and_cmyk_decodes_each_row_right():
     """Catches rows of one batch read with another row's header (offsets, padding), a grayscale JPEG given
-    one channel, PNG/CMYK images sent to the JPEG decoder (which cannot take them) or their raw pixels
-    mis-shaped: each JPEG row of the mixed batch must match open_clip's transform of its own image as closely
+    one channel, PNG/CMYK images sent to the JPEG decoder (which cannot take them), progressive JPEGs sent to
+    it (nvJPEG's batched hardware decoder cannot: they would be decoded serially on the training process's
+    CPU) or raw pixels mis-shaped: each JPEG row of the mixed batch must match open_clip's transform of its own image as closely
     as a single JPEG does, each raw row must equal the fast pipeline's output for its image."""
     transform = image_transform(48, is_train=True, mean=MEAN, std=STD)
     images = train_image_pipeline("device", transform)
     photo = Image.open(io.BytesIO(jpeg(160, 4))).convert("RGB")
     samples = [encode(photo), encode(photo.convert("L")), encode(photo, "PNG"), encode(photo.convert("CMYK")),
-               jpeg(96, 5)]
+               jpeg(96, 5), encode(photo, progressive=True)]
     rows = []
     for seed, data in enumerate(samples):
         torch.manual_seed(seed)
         rows.append(images.transform(images.open_bytes(data)))
-    assert [header(row)[0] for row in rows] == [KIND_JPEG, KIND_JPEG, KIND_RAW, KIND_RAW, KIND_JPEG]
+    assert [header(row)[0] for row in rows] == [KIND_JPEG, KIND_JPEG, KIND_RAW, KIND_RAW, KIND_JPEG, KIND_RAW]
     batch = stack_images(rows)
-    assert batch.dtype == torch.uint8 and batch.shape == (5, max(len(row) for row in rows))
+    assert batch.dtype == torch.uint8 and batch.shape == (6, max(len(row) for row in rows))
     out = images.to_device(batch, CPU, None)
-    assert out.shape == (5, 3, 48, 48) and out.dtype == torch.float32
+    assert out.shape == (6, 3, 48, 48) and out.dtype == torch.float32
     fast = recognise_train_transform(transform)
     for seed, (data, image, row) in enumerate(zip(samples, out, rows)):
         reference = reference_output(transform, data, seed)

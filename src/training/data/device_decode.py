@@ -17,7 +17,10 @@ height, width, payload bytes) followed by the payload:
   stripped); a file that fails the EOI check, usually a truncated one, takes the raw path below, where the CPU
   decode raises, so it is skipped and counted in the worker as on the other pipelines;
 - kind RAW: what the device decoder cannot take (PNG, WebP, CMYK JPEGs, an already decoded image such as the
-  built-in synthetic set's): the fast pipeline's CPU transform, its uint8 [H, W, 3] pixels, with (0, 0, H, W).
+  built-in synthetic set's) and progressive JPEGs, which nvJPEG's batched hardware decoder (A100/H100) does not
+  take: torchvision would decode them one by one with the Huffman stage on the CPU, serially in the training
+  process, where the workers do it in parallel. The fast pipeline's CPU transform, its uint8 [H, W, 3] pixels,
+  with (0, 0, H, W).
 A batch may mix kinds. `stack_images` stacks the rows zero-padded into a uint8 [B, L_max] tensor, so the
 batch's first dimension is B and pinning works as for any tensor.
 
@@ -90,7 +93,8 @@ class EncodedCropTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         data = getattr(image, "encoded", None)
-        if data is not None and image.format == "JPEG" and image.mode in DEVICE_MODES and jpeg_is_complete(data):
+        if data is not None and image.format == "JPEG" and image.mode in DEVICE_MODES \
+                and not image.info.get("progressive") and jpeg_is_complete(data):
             return pack(KIND_JPEG, self.fast.crop_box(image), data)
         pixels = self.fast(image)  # draws the box itself; decodes (a truncated file raises here)
         return pack(KIND_RAW, (0, 0, pixels.shape[0], pixels.shape[1]), pixels.contiguous().numpy())
