@@ -77,18 +77,21 @@ def test_crop_boxes_are_random_resized_crops_under_the_same_rng(scale):
             assert ours.tobytes() == expected.tobytes(), (width, seed)
 
 
-@pytest.mark.parametrize("width, out, scale, max_levels", [(96, 64, (0.9, 1.0), 1), (160, 64, (0.08, 1.0), 1),
-                                                           (200, 48, (0.08, 1.0), 3), (200, 224, (0.08, 1.0), 1)])
-def test_pixels_match_open_clip_on_the_same_crop_box(width, out, scale, max_levels):
+@pytest.mark.parametrize("width, out, scale, max_levels, interpolation", [
+    (96, 64, (0.9, 1.0), 1, "bicubic"), (160, 64, (0.08, 1.0), 1, "bicubic"), (200, 48, (0.08, 1.0), 3, "bicubic"),
+    (200, 224, (0.08, 1.0), 1, "bicubic"), (160, 64, (0.08, 1.0), 1, "bilinear")])
+def test_pixels_match_open_clip_on_the_same_crop_box(width, out, scale, max_levels, interpolation):
     """Catches a crop from the wrong place, wrong resampling (not bicubic antialiased, align_corners, no
     rounding to grey levels, one 2-D pass without PIL's clamp between its width and height passes), channel
     order or normalisation on the device path: under the same seed the output must be within 45 dB PSNR and
     `max_levels` grey levels of open_clip's train transform (PIL decode, RandomResizedCrop, ToTensor,
-    Normalize). Measured: >= 53.9 dB; one grey level, but 3 on a few pixels of boxes upscaled in width and
+    Normalize), bicubic and bilinear (a resize ignoring the crop's interpolation fails the latter). Measured: >= 53.9 dB; one grey level, but 3 on a few pixels of boxes upscaled in width and
     downscaled in height (200 -> 48); one 2-D float pass instead: 3-6 grey levels in every case."""
     transform = image_transform(out, is_train=True, mean=MEAN, std=STD)
     transform.transforms[0].scale = scale
+    transform.transforms[0].interpolation = T.InterpolationMode(interpolation)  # open_clip's: always bicubic
     images = train_image_pipeline("device", transform)
+    assert images.to_device.interpolation == interpolation
     for index in range(3):
         data = jpeg(width, index)
         for seed in range(4):

@@ -93,7 +93,7 @@ class EncodedCropTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         data = getattr(image, "encoded", None)
-        if data is not None and image.format == "JPEG" and image.mode in DEVICE_MODES \
+        if data is not None and self.fast.mode == "RGB" and image.format == "JPEG" and image.mode in DEVICE_MODES \
                 and not image.info.get("progressive") and jpeg_is_complete(data):
             return pack(KIND_JPEG, self.fast.crop_box(image), data)
         pixels = self.fast(image)  # draws the box itself; decodes (a truncated file raises here)
@@ -116,8 +116,8 @@ def stack_images(images) -> torch.Tensor:
 class DecodeOnDevice:
     """Device side: uint8 [B, L] rows -> normalised float [B, 3, H, W] on `device` (see the module docstring)."""
 
-    def __init__(self, size: tuple[int, int], mean, std):
-        self.size = tuple(size)
+    def __init__(self, size: tuple[int, int], mean, std, interpolation: str = "bicubic"):
+        self.size, self.interpolation = tuple(size), interpolation  # "bicubic" or "bilinear", antialiased
         self.normalize = NormalizeOnDevice(mean, std)
         self.warned = False
 
@@ -141,13 +141,13 @@ class DecodeOnDevice:
         return self.normalize(out, device, dtype)
 
     def crop_resize(self, image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
-        """uint8 [3, h, w] -> the box resized to the output size, bicubic antialiased, as uint8 grey levels.
-        Width first, rounded and clamped to grey levels, then height: PIL's (and torch's uint8 kernel's) two
-        passes, whose clamp in between cuts the bicubic overshoot at sharp edges (one float pass: up to 4 grey
-        levels off on saturated edges, within one this way)."""
+        """uint8 [3, h, w] -> the box resized to the output size, antialiased, as uint8 grey levels. Width
+        first, rounded and clamped to grey levels, then height: PIL's (and torch's uint8 kernel's) two passes,
+        whose clamp in between cuts the bicubic overshoot at sharp edges (one float pass: 3-6 grey levels off
+        PIL's output, within one this way)."""
         out = image[:, top:top + height, left:left + width].float()[None]
         for size in ((height, self.size[1]), self.size):
-            out = F.interpolate(out, size=size, mode="bicubic", antialias=True, align_corners=False)
+            out = F.interpolate(out, size=size, mode=self.interpolation, antialias=True, align_corners=False)
             out = out.round_().clamp_(0, 255)
         return out[0].to(torch.uint8)
 
@@ -171,8 +171,9 @@ class DecodeOnDevice:
         try:
             pixels = np.array(decode_fully(row.numpy().tobytes()))
         except Exception as exn:
+            reason = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
             raise RuntimeError(f"--input-pipeline device: a training JPEG decodes neither on {device} nor with PIL "
-                               f"({exn}); check the shards or use --input-pipeline fast") from exn
+                               f"({reason}); check the shards or use --input-pipeline fast") from exn
         return as_hwc(pixels).permute(2, 0, 1).to(device)
 
 
@@ -190,6 +191,7 @@ def train_image_pipeline(pipeline: str, transform) -> ImagePipeline:
                  "it is (%s)", type(transform).__name__)
         return ImagePipeline(transform, None)
     images = ImagePipeline(transform, fast)
-    images.transform, images.to_device = EncodedCropTransform(fast), DecodeOnDevice(fast.size, fast.mean, fast.std)
+    images.transform = EncodedCropTransform(fast)
+    images.to_device = DecodeOnDevice(fast.size, fast.mean, fast.std, fast.interpolation.value)
     images.open_bytes, images.open_file = open_encoded, open_encoded_file
     return images
