@@ -81,12 +81,13 @@ def test_crop_boxes_are_random_resized_crops_under_the_same_rng(scale):
     (96, 64, (0.9, 1.0), 1, "bicubic"), (160, 64, (0.08, 1.0), 1, "bicubic"), (200, 48, (0.08, 1.0), 3, "bicubic"),
     (200, 224, (0.08, 1.0), 1, "bicubic"), (160, 64, (0.08, 1.0), 1, "bilinear")])
 def test_pixels_match_open_clip_on_the_same_crop_box(width, out, scale, max_levels, interpolation):
-    """Catches a crop from the wrong place, wrong resampling (not bicubic antialiased, align_corners, no
-    rounding to grey levels, one 2-D pass without PIL's clamp between its width and height passes), channel
-    order or normalisation on the device path: under the same seed the output must be within 45 dB PSNR and
-    `max_levels` grey levels of open_clip's train transform (PIL decode, RandomResizedCrop, ToTensor,
-    Normalize), bicubic and bilinear (a resize ignoring the crop's interpolation fails the latter). Measured: >= 53.9 dB; one grey level, but 3 on a few pixels of boxes upscaled in width and
-    downscaled in height (200 -> 48); one 2-D float pass instead: 3-6 grey levels in every case."""
+    """Catches a crop from the wrong place, wrong resampling (not bicubic antialiased, align_corners, no rounding to
+    grey levels, one 2-D pass without PIL's clamp between its width and height passes), channel order or
+    normalisation on the device path: under the same seed the output must be within 45 dB PSNR and `max_levels`
+    grey levels of open_clip's train transform (PIL decode, RandomResizedCrop, ToTensor, Normalize), bicubic and
+    bilinear (a resize ignoring the crop's interpolation fails the latter). Measured: >= 53.9 dB; one grey level,
+    but 3 on a few pixels of boxes upscaled in width and downscaled in height (200 -> 48); one 2-D float pass
+    instead: 3-6 grey levels in every case."""
     transform = image_transform(out, is_train=True, mean=MEAN, std=STD)
     transform.transforms[0].scale = scale
     transform.transforms[0].interpolation = T.InterpolationMode(interpolation)  # open_clip's: always bicubic
@@ -102,11 +103,11 @@ def test_pixels_match_open_clip_on_the_same_crop_box(width, out, scale, max_leve
 
 
 def test_a_batch_mixing_jpegs_grayscale_png_and_cmyk_decodes_each_row_right():
-    """Catches rows of one batch read with another row's header (offsets, padding), a grayscale JPEG given
-    one channel, PNG/CMYK images sent to the JPEG decoder (which cannot take them), progressive JPEGs sent to
-    it (nvJPEG's batched hardware decoder cannot: they would be decoded serially on the training process's
-    CPU) or raw pixels mis-shaped: each JPEG row of the mixed batch must match open_clip's transform of its own image as closely
-    as a single JPEG does, each raw row must equal the fast pipeline's output for its image."""
+    """Catches rows of one batch read with another row's header (offsets, padding), a grayscale JPEG given one
+    channel, PNG/CMYK images sent to the JPEG decoder (which cannot take them), progressive JPEGs sent to it
+    (nvJPEG's batched hardware decoder cannot: they would be decoded serially on the training process's CPU) or raw
+    pixels mis-shaped: each JPEG row of the mixed batch must match open_clip's transform of its own image as
+    closely as a single JPEG does, each raw row must equal the fast pipeline's output for its image."""
     transform = image_transform(48, is_train=True, mean=MEAN, std=STD)
     images = train_image_pipeline("device", transform)
     photo = Image.open(io.BytesIO(jpeg(160, 4))).convert("RGB")
@@ -248,3 +249,30 @@ def test_main_trains_with_the_device_pipeline_and_its_losses_agree_with_fast(tmp
     for device, fast, reference in zip(losses["device"], losses["fast"], losses["open_clip"]):
         assert math.isfinite(device) and device == pytest.approx(reference, rel=3e-4)
         assert device == pytest.approx(fast, rel=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_nvjpeg_batch_matches_the_cpu_path():
+    """Catches the CUDA path going wrong where the CPU tests cannot see it (nvJPEG's output layout or channel
+    order, rows decoded into the wrong slots, raw rows not moved, results read before the decoder's stream
+    finished): a mixed batch decoded on CUDA must be on the GPU and within 30 dB PSNR of the same batch
+    decoded on the CPU. Loose on purpose: nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's; the
+    exact figure on 512x384 photos is in scripts/gpu_check.sh's report (training.bench.gpu_decode)."""
+    transform = image_transform(64, is_train=True, mean=MEAN, std=STD)
+    transform.transforms[0].scale = (0.08, 1.0)
+    images = train_image_pipeline("device", transform)
+    photo = Image.open(io.BytesIO(jpeg(200, 7))).convert("RGB")
+    samples = [jpeg(200, i) for i in range(6)] + [encode(photo.convert("L")), encode(photo, "PNG")]
+    rows = []
+    for seed, data in enumerate(samples):
+        torch.manual_seed(seed)
+        rows.append(images.transform(images.open_bytes(data)))
+    batch = stack_images(rows).pin_memory()
+    on_gpu = images.to_device(batch, torch.device("cuda"), None)
+    torch.cuda.synchronize()
+    assert on_gpu.is_cuda and on_gpu.shape == (8, 3, 64, 64)
+    on_cpu = images.to_device(batch, CPU, None)
+    for i, (gpu, cpu) in enumerate(zip(on_gpu.cpu(), on_cpu)):
+        assert psnr(gpu, cpu) >= 30.0, (i, psnr(gpu, cpu))
+    torch.testing.assert_close(on_gpu.cpu()[-1], on_cpu[-1], rtol=0, atol=1e-5)  # the raw row: moved as it is

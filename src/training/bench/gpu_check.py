@@ -5,8 +5,9 @@ at the paper's shapes, then one report.
 
 1. `pytest -m cuda tests/test_npn_precision.py`: the NPN's closed-form gradient vs autograd (fp32 and inside bf16
    autocast), the split-bf16 GEMMs vs fp64, the loss core on CUDA vs CPU, a 2-step NeuCLIP run with
-   --precision amp_bf16 --torchcompile, and the host-sync check under torch.cuda.set_sync_debug_mode; and
-   `tests/test_rank_flags.py`: the preemption flags' exchange does not wait for queued GPU work (NCCL).
+   --precision amp_bf16 --torchcompile, and the host-sync check under torch.cuda.set_sync_debug_mode;
+   `tests/test_rank_flags.py`: the preemption flags' exchange does not wait for queued GPU work (NCCL); and
+   `tests/test_device_decode.py`: a mixed batch decoded by nvJPEG matches the CPU decode.
 2. `python -m training.bench --parts gpu`: ViT-B/32, bf16 autocast, local batch 512, NeuCLIP m = 4096, T_u = 10,
    interleaved with OpenCLIP: samples/s, the NPN share next to the paper's Table 5 (6.03%), the NPN FLOP share
    (the limit), peak memory.
@@ -34,7 +35,8 @@ from training.bench.common import REPO_ROOT, SRC_DIR, git_commit, machine_info
 from training.bench.gpu_decode import summary_lines as decode_summary_lines
 from training.bench.gpu_decode import verdict as decode_verdict
 
-CUDA_TEST_FILES = ("tests/test_npn_precision.py", "tests/test_rank_flags.py")  # their `cuda`-marked tests
+CUDA_TEST_FILES = ("tests/test_npn_precision.py", "tests/test_rank_flags.py",  # their `cuda`-marked tests
+                   "tests/test_device_decode.py")
 NPN_SHARE_TARGET = 2.0  # % of the step at the paper's shapes (paper: 6.03%; FLOP limit about 1%)
 REAL = dict(model="ViT-B-32", batch=512, protos=4096, warmup=5, repeats=20, device="cuda",
             decode=["--size", "512", "--distinct", "64", "--batches", "256,512", "--warmup", "3", "--repeats", "10"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import tarfile
@@ -91,6 +92,14 @@ def time_device_stage(stage, batch: torch.Tensor, device: torch.device, warmup: 
             "cores": cpu / wall, "wall_s": wall}
 
 
+def pixel_difference(a: torch.Tensor, b: torch.Tensor, transform) -> dict:
+    """PSNR (dB) and the largest difference, in 8-bit grey levels, of two normalised batches."""
+    std = torch.tensor(transform.transforms[-1].std).view(1, -1, 1, 1)
+    levels = (a.float() - b.float()) * std * 255
+    mse = (levels ** 2).mean().item()
+    return {"psnr_db": 10 * math.log10(255 ** 2 / mse) if mse else math.inf, "max_levels": levels.abs().max().item()}
+
+
 def measure(opts) -> dict:
     from training.data.device_decode import stack_images, train_image_pipeline  # noqa: PLC0415
     from training.data.fast_images import open_image_lazily  # noqa: PLC0415
@@ -110,6 +119,10 @@ def measure(opts) -> dict:
         if device.type == "cuda":
             batch = batch.pin_memory()  # as the loader pins batches when CUDA is present
         result["stages"].append(time_device_stage(images.to_device, batch, device, opts.warmup, opts.repeats))
+    sample = stack_images(rows[:32])  # the device's pixels next to the CPU decoder's (libjpeg-turbo): on a CPU, equal
+    result["vs_cpu_rows"] = len(sample)
+    result["vs_cpu"] = pixel_difference(images.to_device(sample, device, None).cpu(),
+                                        images.to_device(sample, torch.device("cpu"), None), transform)
     if device.type == "cpu":  # the whole pipeline per CPU second, both ways, on one thread
         fast_batch = stack_images([pixels[i % len(pixels)] for i in range(len(batch))])
         fast_stage = time_device_stage(fast.to_device, fast_batch, device, 1, opts.repeats)
@@ -126,11 +139,16 @@ def summary_lines(result: dict) -> list[str]:
              "| batch | images/s | main-process CPU s/image | CPU cores used |", "| --- | --- | --- | --- |"]
     lines += [f"| {s['batch']} | {s['images_per_s']:.0f} | {s['cpu_s_per_image'] * 1e6:.0f} µs | {s['cores']:.2f} |"
               for s in result["stages"]]
-    lines += ["", f"- Worker side, images per CPU second: EncodedCropTransform {result['worker_images_per_cpu_s']:.0f}, "
-              f"the fast pipeline's FastTrainTransform {result['fast_worker_images_per_cpu_s']:.0f}"]
+    lines += ["", "- Worker side, images per CPU second: EncodedCropTransform "
+              f"{result['worker_images_per_cpu_s']:.0f}, the fast pipeline's FastTrainTransform "
+              f"{result['fast_worker_images_per_cpu_s']:.0f}"]
+    lines.append(f"- The device's pixels vs the CPU decoder's (libjpeg-turbo, as PIL), same {result['vs_cpu_rows']} "
+                 f"rows: PSNR {result['vs_cpu']['psnr_db']:.1f} dB, at most {result['vs_cpu']['max_levels']:.0f} "
+                 "grey levels")
     if "device_pipeline_images_per_cpu_s" in result:
-        lines.append(f"- Whole pipeline on the CPU (one thread), images per CPU second: device path "
-                     f"{result['device_pipeline_images_per_cpu_s']:.0f}, fast {result['fast_pipeline_images_per_cpu_s']:.0f}")
+        lines.append("- Whole pipeline on the CPU (one thread), images per CPU second: device path "
+                     f"{result['device_pipeline_images_per_cpu_s']:.0f}, "
+                     f"fast {result['fast_pipeline_images_per_cpu_s']:.0f}")
     return lines + [verdict(result)]
 
 
