@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure in one call, on one GPU in well under 8 minutes: the CUDA-marked tests, then
 # `training.bench --parts gpu` at the paper's shapes (ViT-B/32, bf16, local batch 512, m 4096, T_u 10) next to
-# OpenCLIP, then one report (default docs/results/gpu/report.md). See src/training/bench/gpu_check.py.
+# OpenCLIP, then `--input-pipeline device`'s GPU JPEG decoding (training.bench.gpu_decode), then one report
+# (default docs/results/gpu/report.md). See src/training/bench/gpu_check.py.
 #
 #   scripts/gpu_check.sh [--out DIR] [--dry-run]
 #

@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on the evaluation transform (no random crop): deterministic inputs")
     data.add_argument("--workers", type=int, default=default_workers(),
                       help="data loader workers per rank (default: this rank's cores - 1, at most 4)")
-    data.add_argument("--input-pipeline", default="fast", choices=["fast", "open_clip"],
+    data.add_argument("--input-pipeline", default="fast", choices=["fast", "open_clip", "device"],
                       help="training images: fast (DCT-scaled JPEG decode, uint8 crops, normalised on the device; "
-                           "training.data.fast_images) or open_clip (its train transform exactly, float32 batches)")
+                           "training.data.fast_images), device (JPEGs decoded, cropped and normalised on the device "
+                           "in batches, nvJPEG on CUDA; training.data.device_decode) or open_clip (its train transform "
+                           "exactly, float32 batches)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=64, help="batch size per rank")

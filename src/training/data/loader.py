@@ -6,8 +6,8 @@
     for images, texts, keys in info.dataloader: ...
 
 images: the preprocess output (float [b, 3, H, W]), or with `--input-pipeline fast` (the default) uint8 crops
-[b, H, W, 3] that `DataInfo.images_to_device` normalises on the device (`training.data.fast_images`); texts long [b, ctx]
-(tokenizer output), keys int64 [b]:
+[b, H, W, 3] that `DataInfo.images_to_device` normalises on the device (`.fast_images`; with `device`, JPEG
+rows it decodes there: `.device_decode`); texts long [b, ctx] (tokenizer output), keys int64 [b]:
 a stable id per sample (the .json "key" or numeric __key__ in shards, the 0-based row in a CSV), which
 is what per-sample loss state is indexed by. Training batches always hold exactly --batch-size samples.
 
@@ -42,7 +42,8 @@ from training.data.checks import (DataConfigError, KeyRangeCheck, SkipLog, SkipU
                                   check_enough_shards, check_images_reachable, check_shards_exist, column_indices,
                                   expand_shard_urls, open_csv, per_sample_state_size, require_train_num_samples,
                                   shard_sample_key, tarfile_to_samples)
-from training.data.fast_images import ImagePipeline, decode_file_fully, decode_fully, train_image_pipeline
+from training.data.device_decode import stack_images, train_image_pipeline
+from training.data.fast_images import ImagePipeline, decode_file_fully, decode_fully
 from training.data.info import DataInfo, SharedEpoch, SkipCountingLoader
 from training.data.position import PerSampleRandomness, ResumableSampler, SeededItems, stream_seed
 
@@ -118,7 +119,7 @@ class ShardSampleDecoder:
 
 
 def stack_batch(images, texts, keys, newly_skipped: int):
-    return (torch.stack(images), torch.stack(texts), torch.tensor(keys, dtype=torch.int64),
+    return (stack_images(images), torch.stack(texts), torch.tensor(keys, dtype=torch.int64),
             torch.tensor(newly_skipped, dtype=torch.int64))
 
 
