@@ -194,7 +194,8 @@ def test_input_part_compares_both_pipelines_per_loader_core(tmp_path, one_thread
     assert size["jpeg_kb"] > 0 and len(size["rounds"]) == 2
     for rnd in size["rounds"]:
         assert rnd["open_clip"]["batch_dtype"] == "float32" and rnd["fast"]["batch_dtype"] == "uint8"
-        for pipeline in ("open_clip", "fast"):
+        assert rnd["device"]["batch_dtype"] == "uint8" and rnd["device"]["batch_bytes"] < rnd["fast"]["batch_bytes"]
+        for pipeline in ("open_clip", "fast", "device"):
             assert rnd[pipeline]["images"] == 16 and rnd[pipeline]["worker_cpu_s"] > 0
         assert rnd["ratio"] == pytest.approx(rnd["fast"]["images_per_core_s"] / rnd["open_clip"]["images_per_core_s"])
     assert set(size["decoders"]) == {"PIL (full size)", "PIL draft (DCT-scaled)", "torchvision decode_jpeg"}

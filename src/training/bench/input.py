@@ -1,6 +1,7 @@
 """Part "input" of `training.bench`: training images per second per loader core, the fast input pipeline
 (`--input-pipeline fast`, training.data.fast_images) next to open_clip's train transform (`--input-pipeline
-open_clip`) on the same shards.
+open_clip`) on the same shards; and the workers of `--input-pipeline device` (JPEG bytes and crop boxes only:
+the loader cores a GPU-decoding run needs).
 
 The shards are photo-like JPEGs written by `python -m training.data.synthetic --style photo` at each
 --input-sizes width (4:3; ~95 KB at 512x384, quality 90). Each measurement is one epoch of this trainer's
@@ -8,8 +9,8 @@ own training loader (`training.data.get_data`) with --workers 1, and "per loader
 second of that worker process (reading the tar, decoding, augmenting, tokenising, batching, handing the
 batch over through shared memory), which a busy shared machine does not distort as it does wall-clock
 rates. The device-side normalisation of the fast pipeline is not in it: it runs on the accelerator. The transform is ViT-B-32's
-(224 px, RandomResizedCrop scale 0.9-1, bicubic). Rounds interleave the two pipelines, the first one
-alternating, and each round's ratio fast / open_clip is taken within the round, so a change in the load of a
+(224 px, RandomResizedCrop scale 0.9-1, bicubic). Rounds interleave the pipelines, the first one
+rotating, and each round's ratio fast / open_clip is taken within the round, so a change in the load of a
 shared machine hits both alike; the table gives the median and range of the per-round ratios.
 
 Then, end to end, a loader-bound training of this trainer next to open_clip_train's (training.bench.input_e2e).
@@ -33,7 +34,9 @@ import torch
 
 from training.bench.common import markdown_table, median
 
-PIPELINES = ("open_clip", "fast")
+PIPELINES = ("open_clip", "fast", "device")
+#: `device` ships JPEG bytes and crop boxes; its decode runs where the batch lands (training.data.device_decode).
+#: Here only its workers are timed, so its figure is the loader cores a GPU run needs, not a CPU run's speed.
 
 
 def photo_shards(out_dir: str, size: int, samples: int) -> str:
@@ -159,14 +162,16 @@ def run_input(opts, out_dir: str, log) -> tuple[str, dict]:
         time_loader(pattern, opts.input_batch, opts.input_batch, "fast", transform, tokenizer)  # warm-up
         rounds = []
         for r in range(opts.input_rounds):
-            order = PIPELINES if r % 2 == 0 else PIPELINES[::-1]
+            order = PIPELINES[r % 3:] + PIPELINES[:r % 3]  # each pipeline goes first in turn
             result = {p: time_loader(pattern, samples, opts.input_batch, p, transform, tokenizer) for p in order}
             result["ratio"] = result["fast"]["images_per_core_s"] / result["open_clip"]["images_per_core_s"]
             result["wall_ratio"] = result["fast"]["images_per_s"] / result["open_clip"]["images_per_s"]
+            result["device_ratio"] = result["device"]["images_per_core_s"] / result["open_clip"]["images_per_core_s"]
             rounds.append(result)
             log(f"[input] {size} px round {r + 1}: images per loader-core-second: open_clip "
                 f"{result['open_clip']['images_per_core_s']:.1f}, fast {result['fast']['images_per_core_s']:.1f}, "
-                f"ratio {result['ratio']:.2f} (wall-clock images/s ratio {result['wall_ratio']:.2f})")
+                f"ratio {result['ratio']:.2f} (wall-clock images/s ratio {result['wall_ratio']:.2f}); device's workers "
+                f"{result['device']['images_per_core_s']:.1f} ({result['device_ratio']:.2f}x)")
         decoders, tokens = time_decoders(jpegs), time_tokenizer(captions, tokenizer)
         data["sizes"][size] = {"pattern": pattern, "jpeg_kb": kb, "rounds": rounds, "decoders": decoders,
                                "tokenizer": tokens}
@@ -178,6 +183,8 @@ def run_input(opts, out_dir: str, log) -> tuple[str, dict]:
                      f"{median([r['fast']['images_per_core_s'] for r in rounds]):.1f}",
                      f"**{median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f})", f">= {target:g}x",
                      f"{median(walls):.2f}x",
+                     f"{median([r['device']['images_per_core_s'] for r in rounds]):.1f} "
+                     f"({median([r['device_ratio'] for r in rounds]):.2f}x)",
                      " / ".join(f"{decoders[k]:.0f}" for k in decoders),
                      f"{tokens['one_at_a_time_us']:.0f} / {tokens['batched_us']:.0f}"])
     section = "\n".join([
@@ -188,8 +195,11 @@ def run_input(opts, out_dir: str, log) -> tuple[str, dict]:
         "within a round, median (min-max) over rounds; wall = the same ratio of wall-clock images/s. Decode: "
         "images per CPU second of decoding alone, PIL full size / PIL at the fast pipeline's DCT scale / "
         "torchvision decode_jpeg; tokenise: CPU µs per caption, open_clip's tokenizer one caption at a time "
-        "(as the loader calls it) / a whole list at once.", "",
+        "(as the loader calls it) / a whole list at once. device: `--input-pipeline device`'s workers only (JPEG bytes "
+        "and the crop box; the decode runs on the accelerator, not timed here), images per worker core-second and "
+        "its ratio to open_clip's.", "",
         markdown_table(["JPEG", "mean size", "open_clip img/core-s", "fast img/core-s", "ratio", "target", "wall",
+                        "device workers img/core-s (ratio)",
                         "decode img/CPU-s (PIL / PIL draft / decode_jpeg)", "tokenise µs (one / list)"], rows), "",
         f"`uptime` at the end: {uptime()}", ""]) if rows else ""
     return section, data
