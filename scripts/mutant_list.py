@@ -38,6 +38,7 @@ NPN_PY, NEU, GCL_PY = "src/contrastive/npn.py", "src/contrastive/neuclip.py", "s
 COMM_PY, ENTRIES_PY = "src/contrastive/comm.py", "src/contrastive/builtin_entries.py"
 LOOP, CKPT, POS_PY = "src/training/loop.py", "src/training/checkpoint/manager.py", "src/training/data/position.py"
 CKPT_POSITION = "src/training/checkpoint/position.py"
+DEVICE_PY, DEVICE = "src/training/data/device_decode.py", "tests/test_device_decode.py::"
 FEATS = "src/contrastive/features.py"
 LOG_PY, OBS = "src/training/logger.py", "tests/test_step_observers.py::"
 ELASTIC, ELASTIC_TEST = "src/training/elastic.py", "tests/test_torchrun_elastic.py::"
@@ -240,6 +241,19 @@ MUTANTS = [
       " and not (restarted or under_slurm):", " and not restarted:",
       ["tests/test_slurm.py::test_usr1_before_the_time_limit_requeues_and_the_job_resumes_to_uninterrupted_losses"],
       "a requeued slurm job (same id, no --name) refuses its own run folder"),
+    # ------------------------------------------------------------------ device decoding (--input-pipeline device)
+    m("device_crop_box_transposed", DEVICE_PY, "out = image[:, top:top + height, left:left + width]",
+      "out = image[:, left:left + width, top:top + height]",
+      [DEVICE + "test_pixels_match_open_clip_on_the_same_crop_box"],
+      "the box's rows and columns swapped on the device: a crop of the wrong place, still the right size"),
+    m("device_one_resize_pass", DEVICE_PY, "for size in ((height, self.size[1]), self.size):", "for size in (self.size,):",
+      [DEVICE + "test_pixels_match_open_clip_on_the_same_crop_box"],
+      "one float resize pass: bicubic overshoot not clamped between passes, grey levels off the reference's"),
+    m("device_truncated_jpeg_shipped", DEVICE_PY,
+      "return data[:2] == b\"\\xff\\xd8\" and data.rstrip(JPEG_PADDING).endswith(b\"\\xff\\xd9\")",
+      "return data[:2] == b\"\\xff\\xd8\"",
+      [DEVICE + "test_damaged_jpegs_are_skipped_and_counted_in_the_worker"],
+      "a truncated JPEG shipped to the device instead of being skipped and counted in the worker"),
     # ------------------------------------------------------------------ exact normalizer of a subset of anchors
     m("subset_positive_not_masked", EXACT, "logits[own, anchors[own] - c0] = -math.inf",
       "logits[own, anchors[own] - c0] = logits[own, anchors[own] - c0]", [REGIME],
