@@ -15,6 +15,7 @@ import sys
 import time
 import zipfile
 
+import open_clip
 import pytest
 import torch
 
@@ -295,9 +296,11 @@ def test_batch_size_one_is_refused_at_start_up(tmp_path, method):
 
 def test_fatal_error_of_a_single_process_reaches_out_log(tmp_path):
     """On one process the reason a run stopped went to stderr only, not to the run folder's out.log."""
-    with pytest.raises(FileNotFoundError):
-        main(flags(tmp_path, "run", "openclip", "--resume", str(tmp_path / "nowhere.pt")))
-    assert re.search(r"ERROR \| run failed: \w+: --resume \S+nowhere\.pt: no such checkpoint file",
+    model = open_clip.create_model("neuclip-tiny")  # a checkpoint of another shape: found after the folder exists
+    torch.save({"state_dict": dict(model.state_dict(), text_projection=torch.zeros(64, 32))}, tmp_path / "other.pt")
+    with pytest.raises(RuntimeError):
+        main(flags(tmp_path, "run", "openclip", "--resume", str(tmp_path / "other.pt")))
+    assert re.search(r"ERROR \| run failed: \w+: .*other\.pt does not fit --model neuclip-tiny",
                      (tmp_path / "run" / "out.log").read_text())
 
 

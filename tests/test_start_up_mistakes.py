@@ -52,6 +52,7 @@ CASES = {  # name: (flags, a fragment of the one line)
     "no --train-num-samples": (["--train-data", "{root}/shards/{{00000..00001}}.tar"],
                                "--train-num-samples is required with webdataset shards"),
     "missing ImageFolder": (["--imagenet-val", "{root}/imagenet/val"], "--imagenet-val {root}/imagenet/val: no such"),
+    "missing --resume": (["--resume", "{root}/nowhere.pt"], "--resume {root}/nowhere.pt: no such checkpoint file"),
     "unwritable --logs": (["--logs", "{root}/good.csv/logs"], "--logs {root}/good.csv/logs: cannot create it"),
 }
 

@@ -4,8 +4,8 @@ training.errors) instead of the traceback of whichever library tripped over it f
 
 Checked here: the model name (with the closest known names), the training and validation data (CSV:
 the file, its columns, its first image paths, enough rows for one batch; shards: that they exist, that
---train-num-samples is given, enough of them for the readers), --imagenet-val, and that --logs can hold
-run folders. What only the data loader or the checkpoint can tell (a key beyond --data_size deep in a
+--train-num-samples is given, enough of them for the readers), --imagenet-val, a --resume file that is not
+there, and that --logs can hold run folders. What only the data loader or the checkpoint can tell (a key beyond --data_size deep in a
 shard, a checkpoint of another shape) is checked where it is found.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from training.batching import global_batch
 from training.data.checks import (DataConfigError, MissingData, check_csv, check_enough_shards, check_shards_exist,
                                   expand_shard_urls, require_train_num_samples)
-from training.errors import UserError
+from training.errors import MissingResume, UserError
 
 
 def check_before_run_folder(args) -> None:
@@ -28,6 +28,10 @@ def check_before_run_folder(args) -> None:
     if args.imagenet_val and not os.path.isdir(args.imagenet_val):
         raise MissingData(f"--imagenet-val {args.imagenet_val}: no such folder; give an ImageFolder "
                           "(one subfolder of images per class) or leave the flag out")
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "latest") and not os.path.isfile(resume):
+        raise MissingResume(f"--resume {resume}: no such checkpoint file; give a checkpoint (a run folder's "
+                            "checkpoints/epoch_N.pt or iter_N.pt) or --resume latest")
     check_logs_folder(args.logs)
 
 
