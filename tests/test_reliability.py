@@ -392,7 +392,7 @@ ABANDONED_LOADER = """
 import sys, time, torch
 sys.path.insert(0, {src!r})
 from torch.utils.data import DataLoader, Dataset
-from training.data.loader import ignore_stop_signals
+from training.data.workers import ignore_stop_signals
 
 class Slow(Dataset):
     def __len__(self):

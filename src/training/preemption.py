@@ -52,7 +52,7 @@ class Preempted(SystemExit):
 class StopSignals:
     """SIGTERM / SIGUSR1 / SIGINT set a flag instead of killing the process. Slurm signals every process of
     the job step, and a terminal's Ctrl-C every process of its foreground group: DataLoader workers ignore
-    all three (training.data.ignore_stop_signals), and any other forked child that inherits this handler
+    all three (training.data.workers.ignore_stop_signals), and any other forked child that inherits this handler
     leaves the decision to the training process. `argv`: the flags this process was launched with, for
     the line that says how to resume."""
 

@@ -26,17 +26,14 @@ shared memory, and it works with --workers 0. Start-up checks and damage handlin
 """
 from __future__ import annotations
 
-import atexit
 import csv
 import math
-import multiprocessing
 import random
-import signal
 from itertools import islice
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from training.data.checks import (DataConfigError, KeyRangeCheck, SkipLog, SkipUnreadable, UnusableSample,
                                   check_enough_shards, check_images_reachable, check_shards_exist, column_indices,
@@ -46,6 +43,7 @@ from training.data.device_decode import stack_images, train_image_pipeline
 from training.data.fast_images import ImagePipeline, decode_file_fully, decode_fully
 from training.data.info import DataInfo, SharedEpoch, SkipCountingLoader
 from training.data.position import PerSampleRandomness, ResumableSampler, SeededItems, stream_seed
+from training.data.workers import ignore_stop_signals, worker_id
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_MEMBERS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))  # tar members worth keeping in memory
@@ -54,38 +52,6 @@ SHUFFLE_INITIAL = 1000
 
 
 # ------------------------------------------------------------------------------------- samples
-
-def worker_id() -> int:
-    info = get_worker_info()
-    return info.id if info is not None else 0  # --workers 0: the main process is the only reader
-
-
-def ignore_stop_signals(worker: int) -> None:
-    """worker_init_fn: slurm signals every process of a job step (a terminal's Ctrl-C every process of its
-    foreground group), and PyTorch's workers die of a SIGTERM or SIGINT their parent did not send, failing
-    the step the training process must finish before it checkpoints (training.preemption). Ignored here;
-    the training process stops its workers itself."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def kill_leftover_workers(grace_s: float = 2.0) -> None:
-    """atexit hook of the training process. A loader abandoned by an exception can leave a worker alive;
-    multiprocessing's own exit handler stops daemonic children with SIGTERM (which our workers ignore, see
-    `ignore_stop_signals`) and then joins them: forever. Registered after multiprocessing's, so it runs
-    first: SIGTERM, a short grace, then SIGKILL for whatever is still alive."""
-    children = [c for c in multiprocessing.active_children() if c.daemon]
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=grace_s)
-        if child.is_alive():
-            child.kill()
-            child.join(timeout=grace_s)
-
-
-atexit.register(kill_leftover_workers)
-
 
 def tokenize_one(tokenizer, caption: str) -> torch.Tensor:
     return tokenizer([caption])[0]
