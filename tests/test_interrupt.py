@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -82,6 +83,28 @@ def test_the_second_ctrl_c_on_the_command_line_is_one_line_and_exit_130(capsys):
     assert stop.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "second Ctrl-C" in err[0] and "Traceback" not in err[0]
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_exit_130_and_no_run_folder(tmp_path):
+    """Ctrl-C in the first seconds of a launch (importing torch and open_clip, before main() installs its
+    handlers) printed a 40-line KeyboardInterrupt traceback through importlib. The signal is sent once the
+    process has mapped libtorch, i.e. while `import torch` is still running its Python modules."""
+    main_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "training", "main.py")
+    proc = subprocess.Popen([sys.executable, "-u", main_py, "--model", "neuclip-tiny", "--logs", str(tmp_path),
+                             "--name", "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            if "libtorch" in maps.read():
+                break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the process ended before torch was loaded"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "interrupted while starting up, before the run folder was made: nothing was written"], err[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv, expected", [

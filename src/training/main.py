@@ -29,9 +29,10 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
     __package__ = "training"  # noqa: A001
 
 from training.params import parse_args  # noqa: E402  (argparse only)
-from training.startup.cli import parse_quietly_off_rank_0  # noqa: E402
+from training.startup.cli import parse_quietly_off_rank_0, quiet_interrupt_while_importing  # noqa: E402
 
 if __name__ == "__main__":  # --help and flag errors answer before torch is imported (seconds, more under load)
+    quiet_interrupt_while_importing()  # main() installs the run's own handlers (training.preemption)
     parse_quietly_off_rank_0(parse_args, sys.argv[1:])
 
 import warnings  # noqa: E402

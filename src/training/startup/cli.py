@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import sys
 
 from training.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, env_rank, is_user_error, one_line  # noqa: F401
@@ -31,6 +33,18 @@ def parse_quietly_off_rank_0(parse, argv):
         if env_rank() == 0 and lines:
             print(f"{lines[-1]} (--help lists the flags)", file=sys.stderr, flush=True)
         raise SystemExit(exc.code) from None
+
+
+def quiet_interrupt_while_importing() -> None:
+    """Ctrl-C during the seconds of `import torch` and open_clip, or of the process group's rendezvous (before
+    main() installs the run's own handlers), printed a 40-line traceback through importlib. Nothing is
+    written yet: one line and exit 130."""
+    def stop(signum, frame):  # noqa: ARG001
+        if env_rank() == 0:
+            print("\ninterrupted while starting up, before the run folder was made: nothing was written",
+                  file=sys.__stderr__, flush=True)  # not sys.stderr: the quiet flag parsing may be capturing it
+        os._exit(EXIT_INTERRUPTED)  # no interpreter teardown half-way through an import
+    signal.signal(signal.SIGINT, stop)
 
 
 def run_cli(main, argv) -> None:
