@@ -215,3 +215,22 @@ def test_input_part_compares_both_pipelines_per_loader_core(tmp_path, one_thread
         assert e2e["summary"][key]["vs_peer"]["median"] == pytest.approx(run["samples_per_s"] / peer["samples_per_s"])
         assert run["samples_per_s"] > 0
     assert "## Input pipeline end to end" in report and ">= 2x open_clip_train" in report
+
+
+def test_regime_part_writes_tables_and_both_figure_rows_at_matched_epochs(tmp_path, one_thread):
+    """Catches the regime part's report or figure failing on a method without a relative error (OpenCLIP's is the
+    mini-batch estimate itself), --regime-epochs not reaching the runs through the command line, and --reuse
+    retraining runs it already has."""
+    out = tmp_path / "regime"
+    argv = ["--out", str(out), "--parts", "regime", "--quick", "--no-estimate", "--regime-epochs", "1",
+            "--regime-arms", "fixed", "--regime-methods", "openclip,neuclip", "--no-regime-calibration", *one_thread]
+    bench.main(argv)
+    data = json.loads((out / "regime.json").read_text())
+    assert data["sizes"]["epochs"] == 1.0
+    assert sorted((r["ratio"], r["method"], r["steps"]) for r in data["runs"]) == [
+        (10.0, "neuclip", 10), (10.0, "openclip", 10), (30.0, "neuclip", 30), (30.0, "openclip", 30)]
+    report = (out / "report.md").read_text()
+    assert "1 epochs at every n/B" in report and "relative to the mini-batch estimate" in report
+    assert (out / "regime_error.png").stat().st_size > 10_000
+    bench.main(argv + ["--reuse"])  # timings would differ in a run trained again
+    assert json.loads((out / "regime.json").read_text())["runs"] == data["runs"]

@@ -182,23 +182,33 @@ def calibration_markdown(cal: dict | None) -> list[str]:
 
 
 def plot_regime(runs: list[dict], path: str) -> str | None:
+    """Per arm: the error vs n/B (top) and the error relative to the mini-batch estimate on the same features
+    (bottom: with τ learnt the methods reach different temperatures, which the absolute error mixes in)."""
     if not runs:
         return None
     plt = pyplot()
     arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
-    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(2, len(arms), figsize=(4.5 * len(arms), 7.2), squeeze=False, sharey="row")
     colours = {"openclip": "tab:blue", "fastclip": "tab:orange", "neuclip": "tab:green"}
-    for ax, arm in zip(axes[0], arms):
+    for col, arm in enumerate(arms):
         for m in [m for m in colours if any(r["method"] == m and r["arm"] == arm for r in runs)]:
             ratios = sorted({r["ratio"] for r in runs if r["arm"] == arm and r["method"] == m})
-            vals = [cells(runs, arm, m, x, "err") for x in ratios]
-            ax.plot(ratios, [_mean(v) for v in vals], "o-", color=colours[m], label=METHOD_LABELS[m])
-            ax.fill_between(ratios, [min(v) for v in vals], [max(v) for v in vals], color=colours[m], alpha=0.2)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("n / B")
-        ax.set_title(f"{arm}: {ARMS[arm].what}", fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
+            for row, values in ((0, [cells(runs, arm, m, x, "err") for x in ratios]),
+                                (1, [relative(runs, arm, m, x) for x in ratios] if m != "openclip" else None)):
+                if not values or not all(values):
+                    continue
+                ax = axes[row][col]
+                ax.plot(ratios, [_mean(v) for v in values], "o-", color=colours[m], label=METHOD_LABELS[m])
+                ax.fill_between(ratios, [min(v) for v in values], [max(v) for v in values], color=colours[m], alpha=0.2)
+        axes[0][col].set_title(f"{arm}: {ARMS[arm].what}", fontsize=8)
+        axes[1][col].axhline(1.0, color="tab:blue", linestyle="--", linewidth=1, label="mini-batch estimate")
+        for ax in axes[:, col]:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[1][col].set_xlabel("n / B")
     axes[0][0].set_ylabel("estimation error (MSE of log g)")
+    axes[1][0].set_ylabel("error / mini-batch estimate's error")
     axes[0][0].legend(fontsize=8)
+    axes[1][0].legend(fontsize=8)
     return save_figure(fig, path)
