@@ -58,12 +58,6 @@ def photo_jpegs(size: int, count: int) -> list[bytes]:
     return jpegs
 
 
-def reference_transform():
-    """open_clip's train transform for ViT-B-32's preprocess config (224 px, OpenAI mean/std)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: PLC0415
-    return image_transform_v2(PreprocessCfg(), is_train=True)
-
-
 def per_cpu_second(work, items) -> tuple[float, list]:
     """(items per CPU second of this process, the outputs), each item seeded by its index."""
     outputs = []
@@ -101,6 +95,7 @@ def pixel_difference(a: torch.Tensor, b: torch.Tensor, transform) -> dict:
 
 
 def measure(opts) -> dict:
+    from training.bench.input import reference_transform  # noqa: PLC0415
     from training.data.device_decode import stack_images, train_image_pipeline  # noqa: PLC0415
     from training.data.fast_images import open_image_lazily  # noqa: PLC0415
     device = torch.device(opts.device)
